@@ -9,6 +9,8 @@ device pointers, sizes and a ``cudaStream_t`` passed as an integer from Python.
 Environment:
   TIGER_FAST_CUDA_ARCHS   semicolon/comma list of SM versions, default "90"  (e.g. "80;90")
   TIGER_FAST_NO_CUDA=1    skip the CUDA sources even when nvcc is present
+  TIGER_FAST_STEMS        comma list of extensions to build, default "quantize,generate"
+  TIGER_FAST_MARCH        -march for the C++ sources, default "native"
   CUDA_HOME               where to look for nvcc / cudart (default: nvcc on PATH, /usr/local/cuda)
 """
 import glob
@@ -21,7 +23,8 @@ from pybind11.setup_helpers import Pybind11Extension
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-STEMS = ("quantize", "generate")
+# TIGER_FAST_STEMS=quantize builds only that extension (useful while another is being edited).
+STEMS = tuple(s for s in os.environ.get("TIGER_FAST_STEMS", "quantize,generate").split(",") if s)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
