@@ -1,0 +1,699 @@
+"""T5-style encoder-decoder retriever (TIGER §3.2), plain PyTorch, weight-compatible with Hugging Face.
+
+Architecture = T5 v1.0 as implemented by ``transformers.T5ForConditionalGeneration`` with
+``feed_forward_proj="relu"``:
+
+* pre-norm residual blocks; "T5 LayerNorm" = RMS norm with a weight and no bias/mean subtraction
+  (eps 1e-6), computed in float32;
+* attention without the 1/sqrt(d_kv) scaling (T5 folds it into the initialisation), no bias terms
+  anywhere; ``num_heads * d_kv`` need not equal ``d_model`` (the paper: 6 heads x 64 with d_model 128);
+* relative position bias: 32 log-spaced buckets up to distance 128, one (buckets, heads) table per
+  stack, owned by the stack's first layer and shared by all its layers; bidirectional buckets in the
+  encoder, causal ones in the decoder self-attention, none in cross-attention;
+* ReLU FFN d_model -> d_ff -> d_model; dropout after the embeddings, inside the FFN, on attention
+  probabilities, on each sub-layer output and after each stack's final norm (all off in ``eval()``);
+* one shared token embedding for encoder and decoder; the lm head is tied to it by default and the
+  decoder output is multiplied by ``d_model ** -0.5`` before a tied head (the v1.0 convention HF
+  calls ``scale_decoder_outputs``).
+
+Weights map 1:1 to and from HF (`T5.from_hf`, `T5.to_hf`).  Incremental decoding for beam search:
+`init_cache` projects the encoder output to cross-attention K/V once; `decode_step` feeds one token
+per row and appends its self-attention K/V; `reorder_cache` selects / expands rows (beams).
+Checkpoints: `save_t5` / `load_t5` (safetensors + JSON with the T5Config and the TokenLayout).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layout import TokenLayout
+
+__all__ = ["T5Config", "T5", "T5Cache", "relative_position_bucket", "save_t5", "load_t5",
+           "paper_config"]
+
+
+# ------------------------------------------------------------------------------------------------
+# config
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class T5Config:
+    """Hyper-parameters.  Defaults are the TIGER paper's retriever (4 + 4 layers, d_model 128,
+    6 heads x 64, MLP 1024, dropout 0.1); ``vocab_size`` comes from the TokenLayout.
+
+    ``scale_decoder_outputs``: multiply the final decoder states by ``d_model ** -0.5`` before the
+    lm head.  ``None`` (default) means "= tie_word_embeddings", the HF v1.0/v1.1 convention."""
+
+    vocab_size: int
+    d_model: int = 128
+    num_heads: int = 6
+    d_kv: int = 64
+    d_ff: int = 1024
+    num_encoder_layers: int = 4
+    num_decoder_layers: int = 4
+    dropout: float = 0.1
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    scale_decoder_outputs: bool | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_heads", "d_kv", "d_ff", "num_encoder_layers",
+                     "num_decoder_layers", "relative_attention_num_buckets",
+                     "relative_attention_max_distance"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"T5Config.{name} must be a positive int, got {v!r}")
+        if self.relative_attention_num_buckets < 4:
+            # bidirectional buckets split in two halves, each with exact and log-spaced parts
+            raise ValueError("T5Config.relative_attention_num_buckets must be >= 4, "
+                             f"got {self.relative_attention_num_buckets}")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"T5Config.dropout must be in [0, 1), got {self.dropout!r}")
+        if not (isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0):
+            raise ValueError(f"T5Config.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        self.dropout = float(self.dropout)
+        self.layer_norm_eps = float(self.layer_norm_eps)
+        self.tie_word_embeddings = bool(self.tie_word_embeddings)
+        if self.scale_decoder_outputs is None:
+            self.scale_decoder_outputs = self.tie_word_embeddings
+        self.scale_decoder_outputs = bool(self.scale_decoder_outputs)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "T5Config":
+        if not isinstance(d, dict):
+            raise TypeError(f"T5Config.from_dict expects a dict, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown T5Config fields {sorted(unknown)}; expected {sorted(known)}")
+        return cls(**d)
+
+
+def paper_config(layout: TokenLayout, **overrides) -> T5Config:
+    """The TIGER paper's retriever for ``layout`` (vocab = layout.vocab_size)."""
+    return T5Config(vocab_size=layout.vocab_size, **overrides)
+
+
+# ------------------------------------------------------------------------------------------------
+# building blocks
+# ------------------------------------------------------------------------------------------------
+def relative_position_bucket(relative_position: torch.Tensor, *, bidirectional: bool,
+                             num_buckets: int, max_distance: int) -> torch.Tensor:
+    """T5's bucketing of ``relative_position`` = key position - query position (int64, any shape)
+    -> bucket ids int64 (same shape) in [0, num_buckets).
+
+    Half of the buckets (per direction when bidirectional) are exact small distances, the other half
+    log-spaced up to ``max_distance``; beyond it everything shares the last bucket.  In the causal
+    case positive (future) distances map to bucket 0 (they are masked anyway)."""
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        n = relative_position.abs()
+    else:
+        n = (-relative_position).clamp(min=0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    # float32 log exactly as in the HF/mesh-tf code, so bucket boundaries agree bit-for-bit
+    large = max_exact + (torch.log(n.float() / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).long()
+    large = large.clamp(max=num_buckets - 1)
+    return buckets + torch.where(is_small, n, large)
+
+
+class _RMSNorm(nn.Module):
+    """T5 LayerNorm: x * rsqrt(mean(x^2) + eps) * weight, statistics in float32."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * y.to(self.weight.dtype))
+
+
+class _Attention(nn.Module):
+    """Multi-head attention, q/k/v/o without bias, unscaled dot products, additive bias."""
+
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        inner = cfg.num_heads * cfg.d_kv
+        self.h, self.dk = cfg.num_heads, cfg.d_kv
+        self.q = nn.Linear(cfg.d_model, inner, bias=False)
+        self.k = nn.Linear(cfg.d_model, inner, bias=False)
+        self.v = nn.Linear(cfg.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        self.p = cfg.dropout
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, h*dk) -> (B, h, T, dk)"""
+        b, t, _ = x.shape
+        return x.view(b, t, self.h, self.dk).transpose(1, 2)
+
+    def attend(self, q, k, v, bias):
+        """q (B,h,Tq,dk), k/v (B,h,Tk,dk), bias broadcastable to (B,h,Tq,Tk) -> (B,Tq,d_model)."""
+        if bias.dtype != q.dtype:
+            bias = bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0,
+                                             dropout_p=self.p if self.training else 0.0)
+        b, _, tq, _ = out.shape
+        return self.o(out.transpose(1, 2).reshape(b, tq, self.h * self.dk))
+
+
+class _FF(nn.Module):
+    def __init__(self, cfg: T5Config):
+        super().__init__()
+        self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.wo(self.drop(F.relu(self.wi(x))))
+
+
+class _Block(nn.Module):
+    def __init__(self, cfg: T5Config, decoder: bool):
+        super().__init__()
+        self.self_norm = _RMSNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.self_attn = _Attention(cfg)
+        if decoder:
+            self.cross_norm = _RMSNorm(cfg.d_model, cfg.layer_norm_eps)
+            self.cross_attn = _Attention(cfg)
+        self.ff_norm = _RMSNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.ff = _FF(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+
+class _Stack(nn.Module):
+    def __init__(self, cfg: T5Config, num_layers: int, decoder: bool):
+        super().__init__()
+        self.decoder = decoder
+        self.layers = nn.ModuleList(_Block(cfg, decoder) for _ in range(num_layers))
+        # the first layer's relative-position table, shared by every layer of the stack
+        self.rel_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
+        self.final_norm = _RMSNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.num_buckets = cfg.relative_attention_num_buckets
+        self.max_distance = cfg.relative_attention_max_distance
+
+    def position_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """q_pos int64 (Tq,), k_pos int64 (Tk,) -> float (1, h, Tq, Tk)"""
+        rel = k_pos[None, :] - q_pos[:, None]
+        b = relative_position_bucket(rel, bidirectional=not self.decoder,
+                                     num_buckets=self.num_buckets, max_distance=self.max_distance)
+        return self.rel_bias(b).permute(2, 0, 1).unsqueeze(0)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype attention runs in: the autocast dtype when autocast is on, else x's dtype.
+    Attention biases are built in it once per forward (with that dtype's finfo.min as the mask
+    value, so bf16/fp16 masks stay finite instead of rounding to -inf)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool (B, S) key mask -> additive (B, 1, 1, S): 0 where attended, finfo.min where padded
+    (finfo.min rather than -inf, as HF does, so sums with biases stay finite)."""
+    z = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return z.masked_fill(~mask, torch.finfo(dtype).min)[:, None, None, :]
+
+
+# ------------------------------------------------------------------------------------------------
+# incremental decoding state
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class T5Cache:
+    """Decoder state for incremental decoding (rows = requests x beams).
+
+    cross_kv: float (L_dec, 2, B, h, S, d_kv) cross-attention keys/values of the encoder output;
+    enc_bias: float (B, 1, 1, S) additive encoder padding mask;
+    self_kv:  float (L_dec, 2, B, h, T_max, d_kv) self-attention keys/values, valid in [:length];
+    length:   number of decoder tokens fed so far (the position of the next token)."""
+
+    cross_kv: torch.Tensor
+    enc_bias: torch.Tensor
+    self_kv: torch.Tensor
+    length: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.cross_kv.shape[2]
+
+
+# ------------------------------------------------------------------------------------------------
+# model
+# ------------------------------------------------------------------------------------------------
+class T5(nn.Module):
+    """Encoder-decoder retriever.  ``T5(config, seed=0)``: weights drawn from a private generator
+    seeded with ``seed`` (HF's initialisation scheme), never from the global RNG."""
+
+    def __init__(self, config: T5Config, *, seed: int = 0):
+        super().__init__()
+        if not isinstance(config, T5Config):
+            raise TypeError(f"config must be a T5Config, got {type(config).__name__}")
+        self.config = config
+        # torch's module constructors draw default inits from the global RNG; fork it so that
+        # building a model never changes the caller's random state (our init is seeded below)
+        with torch.random.fork_rng(devices=[]):
+            self.shared = nn.Embedding(config.vocab_size, config.d_model)
+            self.encoder = _Stack(config, config.num_encoder_layers, decoder=False)
+            self.decoder = _Stack(config, config.num_decoder_layers, decoder=True)
+            self.lm_head = (None if config.tie_word_embeddings
+                            else nn.Linear(config.d_model, config.vocab_size, bias=False))
+        self._init_weights(seed)
+
+    # ---- init ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _init_weights(self, seed: int):
+        c = self.config
+        g = torch.Generator().manual_seed(int(seed))
+        nn.init.normal_(self.shared.weight, 0.0, 1.0, generator=g)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, 0.0, 1.0, generator=g)
+        for stack in (self.encoder, self.decoder):
+            nn.init.normal_(stack.rel_bias.weight, 0.0, c.d_model ** -0.5, generator=g)
+            for blk in stack.layers:
+                for att in [blk.self_attn] + ([blk.cross_attn] if stack.decoder else []):
+                    nn.init.normal_(att.q.weight, 0.0, (c.d_model * c.d_kv) ** -0.5, generator=g)
+                    nn.init.normal_(att.k.weight, 0.0, c.d_model ** -0.5, generator=g)
+                    nn.init.normal_(att.v.weight, 0.0, c.d_model ** -0.5, generator=g)
+                    nn.init.normal_(att.o.weight, 0.0, (c.num_heads * c.d_kv) ** -0.5, generator=g)
+                nn.init.normal_(blk.ff.wi.weight, 0.0, c.d_model ** -0.5, generator=g)
+                nn.init.normal_(blk.ff.wo.weight, 0.0, c.d_ff ** -0.5, generator=g)
+
+    # ---- input checks -------------------------------------------------------------------------
+    def _check_ids(self, x, name: str, ndim: int) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor of int64 token ids, got {type(x).__name__}")
+        if x.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must hold integer token ids (int64), got {x.dtype}")
+        if x.dim() != ndim:
+            raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one token per row")
+        dev = self.shared.weight.device
+        if x.device != dev:
+            raise ValueError(f"{name} is on {x.device} but the model is on {dev}; move it with .to({str(dev)!r})")
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"{name} has token ids in [{lo}, {hi}], outside the vocabulary "
+                             f"[0, {self.config.vocab_size}); build inputs with the model's TokenLayout")
+        return x.long()
+
+    def _check_mask(self, mask, ids: torch.Tensor, name: str) -> torch.Tensor:
+        if mask is None:
+            return torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{name} must be a bool torch.Tensor, got {type(mask).__name__}")
+        if mask.shape != ids.shape:
+            raise ValueError(f"{name} shape {tuple(mask.shape)} != input shape {tuple(ids.shape)}")
+        if mask.device != ids.device:
+            raise ValueError(f"{name} is on {mask.device} but the inputs are on {ids.device}")
+        if mask.dtype != torch.bool:
+            if mask.dtype.is_floating_point or mask.dtype.is_complex:
+                raise TypeError(f"{name} must be bool (or 0/1 integers), got {mask.dtype}")
+            if bool(((mask != 0) & (mask != 1)).any()):
+                raise ValueError(f"{name} integer values must be 0 or 1")
+            mask = mask.bool()
+        if not bool(mask.any(dim=-1).all()):
+            bad = int((~mask.any(dim=-1)).nonzero()[0, 0])
+            raise ValueError(f"{name} row {bad} masks every position; each row needs at least one "
+                             "real token (an empty history cannot be encoded)")
+        return mask
+
+    # ---- encoder ------------------------------------------------------------------------------
+    def _encode(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        enc = self.encoder
+        s = input_ids.shape[1]
+        pos = torch.arange(s, device=input_ids.device)
+        x = self.shared(input_ids)
+        cd = _compute_dtype(x)
+        # position bias + padding mask, computed once and shared by every layer
+        bias = (enc.position_bias(pos, pos).float() + _mask_bias(mask, cd).float()).to(cd)
+        x = enc.drop(x)
+        for blk in enc.layers:
+            a = blk.self_attn
+            h = blk.self_norm(x)
+            x = x + blk.drop(a.attend(a.heads(a.q(h)), a.heads(a.k(h)), a.heads(a.v(h)), bias))
+            x = x + blk.drop(blk.ff(blk.ff_norm(x)))
+        return enc.drop(enc.final_norm(x))
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids int64 (B, S), attention_mask bool (B, S) (True = real token; None = all real)
+        -> encoder states float32 (B, S, d_model) (padded positions hold finite junk)."""
+        input_ids = self._check_ids(input_ids, "input_ids", 2)
+        mask = self._check_mask(attention_mask, input_ids, "attention_mask")
+        return self._encode(input_ids, mask)
+
+    # ---- decoder (teacher forcing) ------------------------------------------------------------
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.scale_decoder_outputs:
+            x = x * (self.config.d_model ** -0.5)
+        w = self.shared.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, w)
+
+    def _decode(self, dec_ids: torch.Tensor, enc: torch.Tensor, enc_mask: torch.Tensor) -> torch.Tensor:
+        dec = self.decoder
+        t = dec_ids.shape[1]
+        pos = torch.arange(t, device=dec_ids.device)
+        x = self.shared(dec_ids)
+        cd = _compute_dtype(x)
+        causal = pos[None, :] <= pos[:, None]  # (T, T) key <= query
+        bias = dec.position_bias(pos, pos).to(cd).masked_fill(~causal, torch.finfo(cd).min)
+        cross_bias = _mask_bias(enc_mask, cd)
+        x = dec.drop(x)
+        for blk in dec.layers:
+            a = blk.self_attn
+            h = blk.self_norm(x)
+            x = x + blk.drop(a.attend(a.heads(a.q(h)), a.heads(a.k(h)), a.heads(a.v(h)), bias))
+            c = blk.cross_attn
+            h = blk.cross_norm(x)
+            x = x + blk.drop(c.attend(c.heads(c.q(h)), c.heads(c.k(enc)), c.heads(c.v(enc)), cross_bias))
+            x = x + blk.drop(blk.ff(blk.ff_norm(x)))
+        return self._head(dec.drop(dec.final_norm(x)))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                decoder_input_ids: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits.
+
+        input_ids int64 (B, S), attention_mask bool (B, S) or None, decoder_input_ids int64 (B, T)
+        (start token then the target shifted right) -> logits float32 (B, T, vocab_size)."""
+        input_ids = self._check_ids(input_ids, "input_ids", 2)
+        mask = self._check_mask(attention_mask, input_ids, "attention_mask")
+        dec_ids = self._check_ids(decoder_input_ids, "decoder_input_ids", 2)
+        if dec_ids.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"decoder_input_ids batch {dec_ids.shape[0]} != input_ids batch {input_ids.shape[0]}")
+        return self._decode(dec_ids, self._encode(input_ids, mask), mask).float()
+
+    def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+             decoder_start_id: int = 0) -> torch.Tensor:
+        """Mean token cross-entropy (float32 scalar) of ``labels`` int64 (B, T) (-100 = ignored)
+        given the encoder input; decoder input = [decoder_start_id] + labels[:, :-1] (T5's
+        shift-right with -100 replaced by pad).  No input checks: the training loop validates
+        its data once up front."""
+        dec_in = torch.empty_like(labels)
+        dec_in[:, 0] = decoder_start_id
+        dec_in[:, 1:] = labels[:, :-1].clamp(min=0)  # -100 -> pad (0)
+        logits = self._decode(dec_in, self._encode(input_ids, attention_mask), attention_mask)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=-100)
+
+    # ---- incremental decoding -----------------------------------------------------------------
+    def init_cache(self, enc: torch.Tensor, enc_mask: torch.Tensor | None = None, *,
+                   max_length: int = 8) -> T5Cache:
+        """enc float (B, S, d_model) from `encode`, enc_mask bool (B, S) -> an empty T5Cache
+        with the cross-attention K/V of every decoder layer computed once.  ``max_length`` only
+        pre-sizes the self-attention buffers (they grow when needed)."""
+        if not isinstance(enc, torch.Tensor) or enc.dim() != 3 or enc.shape[-1] != self.config.d_model:
+            raise ValueError(f"enc must be a float tensor (B, S, {self.config.d_model}) from encode(), "
+                             f"got {getattr(enc, 'shape', type(enc).__name__)}")
+        if not enc.dtype.is_floating_point:
+            raise TypeError(f"enc must be floating point, got {enc.dtype}")
+        if enc.shape[0] == 0 or enc.shape[1] == 0:
+            raise ValueError(f"enc is empty (shape {tuple(enc.shape)})")
+        w = self.shared.weight
+        if enc.device != w.device:
+            raise ValueError(f"enc is on {enc.device} but the model is on {w.device}")
+        mask = self._check_mask(enc_mask, enc[..., 0], "enc_mask")
+        if int(max_length) < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        enc = enc.to(w.dtype)
+        b, s, _ = enc.shape
+        c = self.config
+        L = c.num_decoder_layers
+        cross = torch.empty(L, 2, b, c.num_heads, s, c.d_kv, dtype=w.dtype, device=w.device)
+        for i, blk in enumerate(self.decoder.layers):
+            cross[i, 0] = blk.cross_attn.heads(blk.cross_attn.k(enc))
+            cross[i, 1] = blk.cross_attn.heads(blk.cross_attn.v(enc))
+        self_kv = torch.zeros(L, 2, b, c.num_heads, int(max_length), c.d_kv, dtype=w.dtype, device=w.device)
+        return T5Cache(cross_kv=cross, enc_bias=_mask_bias(mask, w.dtype), self_kv=self_kv, length=0)
+
+    def decode_step(self, tokens: torch.Tensor, cache: T5Cache) -> torch.Tensor:
+        """Feed one decoder token per row (the first call feeds the start token,
+        layout.decoder_start_id) and append its K/V to ``cache`` (in place).
+
+        tokens int64 (B,) with B = cache.batch_size -> next-token logits float32 (B, vocab_size),
+        equal (to float rounding) to `forward` on the whole prefix."""
+        if not isinstance(cache, T5Cache):
+            raise TypeError(f"cache must be a T5Cache from init_cache, got {type(cache).__name__}")
+        tokens = self._check_ids(tokens, "tokens", 1)
+        if tokens.shape[0] != cache.batch_size:
+            raise ValueError(f"tokens has {tokens.shape[0]} rows but the cache has {cache.batch_size}; "
+                             "use reorder_cache to select/expand rows first")
+        t = cache.length
+        if t >= cache.self_kv.shape[4]:  # grow the self-attention buffers (amortised doubling)
+            extra = torch.zeros_like(cache.self_kv)
+            cache.self_kv = torch.cat([cache.self_kv, extra], dim=4)
+        dec = self.decoder
+        x = self.shared(tokens)[:, None, :]  # (B, 1, d)
+        dev = x.device
+        bias = dec.position_bias(torch.tensor([t], device=dev), torch.arange(t + 1, device=dev))
+        for i, blk in enumerate(dec.layers):
+            a = blk.self_attn
+            h = blk.self_norm(x)
+            cache.self_kv[i, 0, :, :, t] = a.heads(a.k(h))[:, :, 0]
+            cache.self_kv[i, 1, :, :, t] = a.heads(a.v(h))[:, :, 0]
+            x = x + a.attend(a.heads(a.q(h)), cache.self_kv[i, 0, :, :, :t + 1],
+                             cache.self_kv[i, 1, :, :, :t + 1], bias)
+            c = blk.cross_attn
+            h = blk.cross_norm(x)
+            x = x + c.attend(c.heads(c.q(h)), cache.cross_kv[i, 0], cache.cross_kv[i, 1], cache.enc_bias)
+            x = x + blk.ff(blk.ff_norm(x))
+        cache.length = t + 1
+        return self._head(dec.final_norm(x))[:, 0].float()
+
+    @staticmethod
+    def reorder_cache(cache: T5Cache, index: torch.Tensor) -> T5Cache:
+        """Select / repeat rows: row r of the result is row ``index[r]`` of ``cache``.
+
+        index int64 (B',) with values in [0, B) (repeats allowed: beam expansion) -> new T5Cache
+        with B' rows (the input cache is not modified)."""
+        if not isinstance(cache, T5Cache):
+            raise TypeError(f"cache must be a T5Cache, got {type(cache).__name__}")
+        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
+            raise TypeError("index must be a 1-D int64 tensor of row numbers")
+        if index.numel() == 0:
+            raise ValueError("index is empty; a cache needs at least one row")
+        b = cache.batch_size
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= b:
+            raise ValueError(f"index values in [{lo}, {hi}] outside the cache's rows [0, {b})")
+        index = index.to(device=cache.cross_kv.device, dtype=torch.long)
+        n = cache.length  # only the filled part of the self-attention buffers needs copying
+        self_kv = cache.self_kv.new_zeros(cache.self_kv.shape[:2] + (index.numel(),) + cache.self_kv.shape[3:])
+        self_kv[:, :, :, :, :n] = cache.self_kv[:, :, :, :, :n].index_select(2, index)
+        return T5Cache(cross_kv=cache.cross_kv.index_select(2, index),
+                       enc_bias=cache.enc_bias.index_select(0, index),
+                       self_kv=self_kv, length=n)
+
+    # ---- misc ---------------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- Hugging Face conversion --------------------------------------------------------------
+    def _name_map(self) -> dict[str, str]:
+        """our parameter name -> HF T5ForConditionalGeneration state-dict name"""
+        m = {"shared.weight": "shared.weight"}
+        if self.lm_head is not None:
+            m["lm_head.weight"] = "lm_head.weight"
+        for sname, stack in (("encoder", self.encoder), ("decoder", self.decoder)):
+            m[f"{sname}.rel_bias.weight"] = f"{sname}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+            m[f"{sname}.final_norm.weight"] = f"{sname}.final_layer_norm.weight"
+            for i, _ in enumerate(stack.layers):
+                ours, hf = f"{sname}.layers.{i}", f"{sname}.block.{i}.layer"
+                for p in "qkvo":
+                    m[f"{ours}.self_attn.{p}.weight"] = f"{hf}.0.SelfAttention.{p}.weight"
+                m[f"{ours}.self_norm.weight"] = f"{hf}.0.layer_norm.weight"
+                ff = 1
+                if stack.decoder:
+                    for p in "qkvo":
+                        m[f"{ours}.cross_attn.{p}.weight"] = f"{hf}.1.EncDecAttention.{p}.weight"
+                    m[f"{ours}.cross_norm.weight"] = f"{hf}.1.layer_norm.weight"
+                    ff = 2
+                m[f"{ours}.ff.wi.weight"] = f"{hf}.{ff}.DenseReluDense.wi.weight"
+                m[f"{ours}.ff.wo.weight"] = f"{hf}.{ff}.DenseReluDense.wo.weight"
+                m[f"{ours}.ff_norm.weight"] = f"{hf}.{ff}.layer_norm.weight"
+        return m
+
+    @classmethod
+    def from_hf(cls, hf_model) -> "T5":
+        """Copy a ``transformers.T5ForConditionalGeneration`` (ReLU FFN, i.e. T5 v1.0-style;
+        tied or untied head) into a new T5 with identical weights (float32, CPU)."""
+        _require_transformers()
+        if not (hasattr(hf_model, "config") and hasattr(hf_model, "encoder") and hasattr(hf_model, "lm_head")):
+            raise TypeError(f"hf_model must be a transformers.T5ForConditionalGeneration, got {type(hf_model).__name__}")
+        hc = hf_model.config
+        if getattr(hc, "model_type", None) != "t5":
+            raise ValueError(f"hf_model.config.model_type must be 't5', got {getattr(hc, 'model_type', None)!r}")
+        if getattr(hc, "is_gated_act", False) or getattr(hc, "dense_act_fn", "relu") != "relu":
+            raise ValueError(f"only feed_forward_proj='relu' (T5 v1.0 FFN) is supported, got {hc.feed_forward_proj!r}")
+        sd = hf_model.state_dict()
+        tied = hf_model.lm_head.weight.data_ptr() == hf_model.shared.weight.data_ptr() or \
+            torch.equal(hf_model.lm_head.weight, hf_model.shared.weight)
+        scale = getattr(hc, "scale_decoder_outputs", None)  # transformers >= 5
+        if scale is None:
+            scale = bool(hc.tie_word_embeddings)             # transformers 4.x
+        cfg = T5Config(vocab_size=hc.vocab_size, d_model=hc.d_model, num_heads=hc.num_heads, d_kv=hc.d_kv,
+                       d_ff=hc.d_ff, num_encoder_layers=hc.num_layers,
+                       num_decoder_layers=hc.num_decoder_layers, dropout=float(hc.dropout_rate),
+                       relative_attention_num_buckets=hc.relative_attention_num_buckets,
+                       relative_attention_max_distance=hc.relative_attention_max_distance,
+                       layer_norm_eps=float(hc.layer_norm_epsilon), tie_word_embeddings=bool(tied),
+                       scale_decoder_outputs=bool(scale))
+        model = cls(cfg)
+        ours = {}
+        for k, hk in model._name_map().items():
+            if hk not in sd:
+                raise ValueError(f"hf_model has no weight {hk!r}; is it a T5ForConditionalGeneration?")
+            ours[k] = sd[hk].detach().to("cpu", torch.float32)
+        model.load_state_dict(ours, strict=True)
+        return model
+
+    def to_hf(self):
+        """A ``transformers.T5ForConditionalGeneration`` (float32, CPU, eval mode) with these
+        weights; its logits equal ours to float rounding."""
+        tf = _require_transformers()
+        c = self.config
+        # HF's ``tie_word_embeddings`` flag decides the output scaling (v4 and v5); tying itself
+        # is fixed up below because transformers 5 always ties the head.
+        hc = tf.T5Config(vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, d_ff=c.d_ff,
+                         num_layers=c.num_encoder_layers, num_decoder_layers=c.num_decoder_layers,
+                         num_heads=c.num_heads, relative_attention_num_buckets=c.relative_attention_num_buckets,
+                         relative_attention_max_distance=c.relative_attention_max_distance,
+                         dropout_rate=c.dropout, layer_norm_epsilon=c.layer_norm_eps,
+                         feed_forward_proj="relu", tie_word_embeddings=c.scale_decoder_outputs,
+                         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        hf = tf.T5ForConditionalGeneration(hc)
+        sd = self.state_dict()
+        hf_sd = {hk: sd[k].detach().to("cpu", torch.float32) for k, hk in self._name_map().items()}
+        head = (self.shared.weight if self.lm_head is None else self.lm_head.weight).detach().to("cpu", torch.float32)
+        hf_sd.pop("lm_head.weight", None)
+        missing, unexpected = hf.load_state_dict(hf_sd, strict=False)
+        if unexpected:
+            raise RuntimeError(f"internal error: unexpected HF keys {unexpected}")
+        still = [k for k in missing if k not in ("lm_head.weight", "encoder.embed_tokens.weight",
+                                                   "decoder.embed_tokens.weight")]
+        if still:
+            raise RuntimeError(f"internal error: HF keys not set {still}")
+        hf_tied = hf.lm_head.weight.data_ptr() == hf.shared.weight.data_ptr()
+        if self.lm_head is None:
+            if not hf_tied:
+                with torch.no_grad():
+                    hf.lm_head.weight.copy_(head)
+        else:
+            hf.lm_head.weight = nn.Parameter(head.clone())  # untie (transformers 5 ties by default)
+        for emb in (hf.encoder.embed_tokens, hf.decoder.embed_tokens):
+            if emb.weight.data_ptr() != hf.shared.weight.data_ptr():
+                with torch.no_grad():
+                    emb.weight.copy_(hf.shared.weight)
+        return hf.eval()
+
+
+def _require_transformers():
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("Hugging Face conversion needs the optional dependency 'transformers': "
+                          "pip install 'tiger_fast[hf]' (or pip install transformers)") from e
+    return transformers
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+# ------------------------------------------------------------------------------------------------
+_FORMAT = "tiger_fast.t5/1"
+
+
+def _atomic_write(path: str, write_fn) -> None:
+    """Write via a temporary file in the same directory and os.replace, so a crash never leaves
+    a half-written file under ``path``."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_t5(model: T5, layout: TokenLayout, path: str) -> None:
+    """Save to the directory ``path``: ``model.safetensors`` (weights) and ``config.json``
+    (format tag, T5Config, TokenLayout).  The layout must match the model's vocabulary."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, T5):
+        raise TypeError(f"model must be a tiger_fast.t5.T5, got {type(model).__name__}")
+    if not isinstance(layout, TokenLayout):
+        raise TypeError(f"layout must be a TokenLayout, got {type(layout).__name__}")
+    if layout.vocab_size != model.config.vocab_size:
+        raise ValueError(f"layout.vocab_size {layout.vocab_size} != model vocab_size {model.config.vocab_size}; "
+                         "the model was built for another TokenLayout")
+    os.makedirs(path, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(tensors, p))
+    meta = {"format": _FORMAT, "t5_config": model.config.to_dict(), "layout": layout.to_dict()}
+
+    def _w(p):
+        with open(p, "w") as f:
+            json.dump(meta, f, indent=2)
+    # config last: a directory with a config.json always has complete weights next to it
+    _atomic_write(os.path.join(path, "config.json"), _w)
+
+
+def load_t5(path: str, *, device: str | torch.device = "cpu") -> tuple[T5, TokenLayout]:
+    """Load a `save_t5` directory -> (model in eval mode, layout).  No pickle is involved."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    cfg_path, w_path = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
+    if not os.path.isfile(cfg_path) or not os.path.isfile(w_path):
+        raise FileNotFoundError(f"{path!r} is not a save_t5 checkpoint (needs config.json and model.safetensors)")
+    try:
+        with open(cfg_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {cfg_path!r}: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        raise ValueError(f"{cfg_path!r} is not a {_FORMAT} config (format={meta.get('format') if isinstance(meta, dict) else None!r})")
+    cfg = T5Config.from_dict(meta["t5_config"])
+    layout = TokenLayout.from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in meta["layout"].items()})
+    if layout.vocab_size != cfg.vocab_size:
+        raise ValueError(f"checkpoint {path!r}: layout vocab {layout.vocab_size} != model vocab {cfg.vocab_size}")
+    try:
+        sd = load_file(w_path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read weights {w_path!r}: {e}") from e
+    model = T5(cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    extra = sorted(set(sd) - set(expected))
+    if missing or extra:
+        raise ValueError(f"checkpoint {path!r} weights do not match its config: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
+    for k, v in sd.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(f"checkpoint {path!r}: weight {k} has shape {tuple(v.shape)}, "
+                             f"config implies {tuple(expected[k].shape)}")
+    model.load_state_dict(sd, strict=True)
+    return model.to(device).eval(), layout

@@ -1,0 +1,486 @@
+"""Training loop of the retriever: schedule, periodic validation, best checkpoint, exact resume.
+
+Schedule (TIGER §4, "learning rate 0.01 for the first 10k steps, then inverse square root decay"):
+``lr(step) = lr * sqrt(warmup_steps / max(step, warmup_steps))`` for the update with 0-based index
+``step`` - constant for ``warmup_steps`` updates, then ~1/sqrt(step).  This is exactly T5's default
+"rsqrt" schedule 1/sqrt(max(step, 10k)) (= 0.01 during the first 10k steps).
+
+Optimizer: the paper gives the schedule but not the optimizer.  Its schedule is the one T5/T5X pairs
+with Adafactor; open TIGER re-implementations mostly train with AdamW.  Default here: AdamW
+(betas 0.9/0.999, eps 1e-8, weight decay 0.01, gradient-norm clipping at 1.0);
+``optimizer="adafactor"`` selects ``torch.optim.Adafactor`` instead.
+
+Determinism and resume: nothing here reads hidden global randomness.  The example order is a
+concatenation of per-epoch permutations drawn from generators seeded by (seed, epoch); batch ``s``
+is positions [s*B, (s+1)*B) of that stream (so every batch is full and the order does not depend on
+when training was interrupted).  Dropout uses the global torch RNG, which the loop re-seeds from
+(seed, step) before every step inside ``torch.random.fork_rng`` (the caller's RNG state is restored
+afterwards).  The whole random state is therefore a function of (seed, step): a checkpoint holds the
+model, the optimizer state, the step (= scheduler state), the history and the config, and resuming
+replays the remaining steps bit-for-bit on CPU (on GPU up to nondeterministic kernels).
+
+Checkpoints (``checkpoint_dir``): ``ckpt-<step>.safetensors`` (model + optimizer tensors) then
+``ckpt-<step>.json`` (everything else), each written to a temporary file and renamed; the JSON is
+the commit marker, so an interrupted write is never picked up.  Older checkpoints are deleted after
+a newer one is committed.  The best model by ``best_metric`` goes to ``best/`` (`save_t5` format when
+a ``layout`` is given, else ``best/model.safetensors`` + ``best/t5_config.json``).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from .layout import TokenLayout
+from .sequences import Examples
+from .t5 import T5, T5Config, _atomic_write, save_t5
+
+__all__ = ["TrainConfig", "lr_at", "train_retriever", "latest_checkpoint", "load_checkpoint"]
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters (paper defaults for Amazon Beauty).
+
+    batch_size 256, lr 0.01, warmup_steps 10k (constant phase), max_steps 200k.
+    eval_every: run ``eval_fn`` every this many steps (and at the end); checkpoint_every: write a
+    resumable checkpoint every this many steps (and at the end / on the time budget) when
+    ``checkpoint_dir`` is set.  time_budget_s: stop (after checkpointing) once this much wall time
+    has been spent in this call.  precision: "fp32" or "bf16" (autocast; meant for GPUs)."""
+
+    batch_size: int = 256
+    lr: float = 0.01
+    warmup_steps: int = 10_000
+    max_steps: int = 200_000
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"
+    eval_every: int = 5_000
+    best_metric: str = "ndcg@10"
+    best_mode: str = "max"
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 1_000
+    keep_checkpoints: int = 1
+    time_budget_s: float | None = None
+    log_every: int = 100
+
+    def __post_init__(self):
+        def pos_int(name, allow_zero=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
+                raise ValueError(f"TrainConfig.{name} must be a {'non-negative' if allow_zero else 'positive'} "
+                                 f"int, got {v!r}")
+        for n in ("batch_size", "max_steps", "eval_every", "checkpoint_every", "log_every", "keep_checkpoints"):
+            pos_int(n)
+        pos_int("warmup_steps", allow_zero=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"TrainConfig.seed must be a non-negative int, got {self.seed!r}")
+        for n in ("lr", "adam_eps"):
+            v = getattr(self, n)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"TrainConfig.{n} must be a positive finite number, got {v!r}")
+        if not isinstance(self.weight_decay, (int, float)) or not (0 <= self.weight_decay < 1):
+            raise ValueError(f"TrainConfig.weight_decay must be in [0, 1), got {self.weight_decay!r}")
+        b = tuple(self.betas)
+        if len(b) != 2 or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b):
+            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = (float(b[0]), float(b[1]))
+        if self.grad_clip is not None and (not isinstance(self.grad_clip, (int, float)) or self.grad_clip <= 0):
+            raise ValueError(f"TrainConfig.grad_clip must be None or > 0, got {self.grad_clip!r}")
+        if self.optimizer not in ("adamw", "adafactor"):
+            raise ValueError(f"TrainConfig.optimizer must be 'adamw' or 'adafactor', got {self.optimizer!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"TrainConfig.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.best_mode not in ("max", "min"):
+            raise ValueError(f"TrainConfig.best_mode must be 'max' or 'min', got {self.best_mode!r}")
+        if self.time_budget_s is not None and (not isinstance(self.time_budget_s, (int, float)) or self.time_budget_s <= 0):
+            raise ValueError(f"TrainConfig.time_budget_s must be None or > 0 seconds, got {self.time_budget_s!r}")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"TrainConfig.device {self.device!r} is not a torch device: {e}") from e
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+# fields that must match when resuming (changing them would not continue the same run)
+_RESUME_FIXED = ("batch_size", "lr", "warmup_steps", "optimizer", "weight_decay", "betas", "adam_eps",
+                 "grad_clip", "seed", "precision")
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate of the update with 0-based index ``step``:
+    lr * sqrt(warmup / max(step, warmup)) (constant while step < warmup; lr when warmup = 0 and step = 0)."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    w = config.warmup_steps
+    if w == 0:
+        return config.lr / math.sqrt(max(step, 1))
+    return config.lr * math.sqrt(w / max(step, w))
+
+
+def _seed_of(seed: int, tag: str, n: int) -> int:
+    """A 63-bit seed derived from (seed, tag, n) by a stable hash (independent streams per step/epoch)."""
+    h = hashlib.blake2b(f"{seed}:{tag}:{n}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+class _Order:
+    """Infinite example order: per-epoch permutations seeded by (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._cache = n, seed, {}
+
+    def perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._cache:
+            if len(self._cache) > 2:
+                self._cache.clear()
+            g = torch.Generator().manual_seed(_seed_of(self.seed, "epoch", epoch))
+            self._cache[epoch] = torch.randperm(self.n, generator=g)
+        return self._cache[epoch]
+
+    def batch(self, step: int, bs: int) -> torch.Tensor:
+        pos = torch.arange(step * bs, (step + 1) * bs)
+        epochs = pos // self.n
+        out = torch.empty(bs, dtype=torch.long)
+        for e in torch.unique(epochs).tolist():
+            sel = epochs == e
+            out[sel] = self.perm(e)[pos[sel] % self.n]
+        return out
+
+
+def _check_examples(ex: Examples, vocab: int) -> None:
+    if not isinstance(ex, Examples):
+        raise TypeError(f"train_examples must be tiger_fast.sequences.Examples (from tokenize_split), "
+                        f"got {type(ex).__name__}")
+    if len(ex) == 0:
+        raise ValueError("train_examples is empty")
+    ids, mask, lab = ex.input_ids, ex.attention_mask, ex.labels
+    if ids.dtype != torch.long or lab.dtype != torch.long or mask.dtype != torch.bool:
+        raise TypeError("train_examples must hold int64 input_ids/labels and a bool attention_mask")
+    if ids.shape != mask.shape or ids.dim() != 2 or lab.dim() != 2 or lab.shape[0] != ids.shape[0]:
+        raise ValueError(f"train_examples shapes disagree: input_ids {tuple(ids.shape)}, attention_mask "
+                         f"{tuple(mask.shape)}, labels {tuple(lab.shape)}")
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"train_examples.input_ids outside the model vocabulary [0, {vocab})")
+    ok = (lab == -100) | ((lab >= 0) & (lab < vocab))
+    if not bool(ok.all()):
+        raise ValueError(f"train_examples.labels must be in [0, {vocab}) or -100 (ignored)")
+    if not bool(mask.any(1).all()):
+        raise ValueError("train_examples has a row whose attention_mask is all False (empty history)")
+    if mask.shape[1] > 1 and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+        # batches are trimmed to their longest row from the right
+        raise ValueError("train_examples must be right-padded (attention_mask True then False in every row)")
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """optimizer.state_dict() -> (tensors {name: tensor}, json-able rest)."""
+    sd = opt.state_dict()
+    tensors, state_meta = {}, {}
+    for pid, st in sd["state"].items():
+        meta = {}
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim/{pid}/{k}"] = v.detach().to("cpu").contiguous()
+            else:
+                meta[k] = v
+        state_meta[str(pid)] = meta
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"state_meta": state_meta, "param_groups": groups}
+
+
+def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for name, t in tensors.items():
+        if not name.startswith("optim/"):
+            continue
+        _, pid, k = name.split("/", 2)
+        state.setdefault(int(pid), {})[k] = t
+    for pid, m in meta["state_meta"].items():
+        state.setdefault(int(pid), {}).update(m)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _make_optimizer(model: T5, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
+                                 weight_decay=cfg.weight_decay, foreach=True)
+    return torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def latest_checkpoint(checkpoint_dir: str) -> str | None:
+    """Path prefix (without extension) of the newest committed checkpoint in ``checkpoint_dir``."""
+    best, best_step = None, -1
+    for j in glob.glob(os.path.join(checkpoint_dir, "ckpt-*.json")):
+        m = re.fullmatch(r"ckpt-(\d+)\.json", os.path.basename(j))
+        if m and os.path.isfile(j[:-5] + ".safetensors") and int(m.group(1)) > best_step:
+            best, best_step = j[:-5], int(m.group(1))
+    return best
+
+
+def _save_checkpoint(cfg: TrainConfig, model: T5, opt, step: int, history: dict) -> None:
+    from safetensors.torch import save_file
+
+    d = cfg.checkpoint_dir
+    os.makedirs(d, exist_ok=True)
+    prefix = os.path.join(d, f"ckpt-{step:09d}")
+    tensors = {f"model/{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    otensors, ometa = _flatten_optimizer(opt)
+    tensors.update(otensors)
+    _atomic_write(prefix + ".safetensors", lambda p: save_file(tensors, p, metadata={"step": str(step)}))
+    meta = {"format": "tiger_fast.train/1", "step": step, "train_config": cfg.to_dict(),
+            "t5_config": model.config.to_dict(), "optimizer": ometa, "history": history}
+
+    def _w(p):
+        with open(p, "w") as f:
+            json.dump(meta, f)
+    _atomic_write(prefix + ".json", _w)  # commit marker
+    # drop older checkpoints (json first, so a half-deleted one is never picked up)
+    olds = sorted(glob.glob(os.path.join(d, "ckpt-*.json")))
+    for j in olds[:-cfg.keep_checkpoints]:
+        if j[:-5] != prefix:
+            for p in (j, j[:-5] + ".safetensors"):
+                if os.path.exists(p):
+                    os.remove(p)
+
+
+def load_checkpoint(prefix: str) -> tuple[dict, dict]:
+    """Read a training checkpoint -> (tensors, meta).  Raises ValueError if unreadable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        with open(prefix + ".json") as f:
+            meta = json.load(f)
+        tensors = load_file(prefix + ".safetensors")
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ValueError(f"cannot read training checkpoint {prefix!r}: {e}") from e
+    if meta.get("format") != "tiger_fast.train/1":
+        raise ValueError(f"{prefix}.json is not a tiger_fast training checkpoint")
+    return tensors, meta
+
+
+def _save_best(cfg: TrainConfig, model: T5, layout: TokenLayout | None) -> None:
+    from safetensors.torch import save_file
+
+    d = os.path.join(cfg.checkpoint_dir, "best")
+    if layout is not None:
+        save_t5(model, layout, d)
+        return
+    os.makedirs(d, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(os.path.join(d, "model.safetensors"), lambda p: save_file(tensors, p))
+
+    def _w(p):
+        with open(p, "w") as f:
+            json.dump(model.config.to_dict(), f, indent=2)
+    _atomic_write(os.path.join(d, "t5_config.json"), _w)
+
+
+def _better(v: float, best: float | None, mode: str) -> bool:
+    if v is None or not math.isfinite(v):
+        return False
+    if best is None:
+        return True
+    return v > best if mode == "max" else v < best
+
+
+def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
+                    eval_fn: Callable[[T5], dict] | None = None, progress: bool = True,
+                    layout: TokenLayout | None = None) -> dict:
+    """Train ``model`` (in place) on ``train_examples`` with teacher forcing (mean token
+    cross-entropy over the ID tokens + eos).
+
+    eval_fn(model) -> {metric: float}, called in eval mode under no_grad every
+    ``config.eval_every`` steps and at the end; the best model by ``config.best_metric`` is
+    written to ``<checkpoint_dir>/best`` and its weights are loaded back into ``model`` at the end.
+    With ``config.checkpoint_dir`` set, training resumes from the newest checkpoint there.
+
+    Returns the history dict: ``loss`` [[step, mean loss since last log]], ``lr`` [[step, lr]],
+    ``evals`` [{"step": s, **metrics}], ``best_step``, ``best_value``, ``best_metric``,
+    ``stopped`` ("max_steps" | "time_budget"), ``final_step``, ``resumed_from`` (step or None),
+    ``steps_per_s`` (this call)."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if not isinstance(model, T5):
+        raise TypeError(f"model must be a tiger_fast.t5.T5, got {type(model).__name__}")
+    if eval_fn is not None and not callable(eval_fn):
+        raise TypeError("eval_fn must be a callable eval_fn(model) -> dict of metrics")
+    if layout is not None:
+        if not isinstance(layout, TokenLayout):
+            raise TypeError(f"layout must be a TokenLayout, got {type(layout).__name__}")
+        if layout.vocab_size != model.config.vocab_size:
+            raise ValueError(f"layout.vocab_size {layout.vocab_size} != model vocab_size {model.config.vocab_size}")
+    _check_examples(train_examples, model.config.vocab_size)
+    cfg = config
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("TrainConfig.device is 'cuda' but CUDA is not available; use device='cpu'")
+    model.to(device)
+    opt = _make_optimizer(model, cfg)
+
+    history = {"loss": [], "lr": [], "evals": [], "best_step": None, "best_value": None,
+               "best_metric": cfg.best_metric, "stopped": None, "final_step": 0, "resumed_from": None}
+    start = 0
+    if cfg.checkpoint_dir is not None:
+        prefix = latest_checkpoint(cfg.checkpoint_dir)
+        if prefix is not None:
+            tensors, meta = load_checkpoint(prefix)
+            old = meta["train_config"]
+            diff = [k for k in _RESUME_FIXED if (list(old[k]) if k == "betas" else old[k]) !=
+                    (list(getattr(cfg, k)) if k == "betas" else getattr(cfg, k))]
+            if diff:
+                raise ValueError(f"checkpoint {prefix!r} was written with a different TrainConfig "
+                                 f"({', '.join(f'{k}: {old[k]!r} != {getattr(cfg, k)!r}' for k in diff)}); "
+                                 "use the same config or a new checkpoint_dir")
+            if T5Config.from_dict(meta["t5_config"]) != model.config:
+                raise ValueError(f"checkpoint {prefix!r} holds a model with config {meta['t5_config']}, "
+                                 f"not {model.config.to_dict()}; use a new checkpoint_dir")
+            msd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+            model.load_state_dict(msd, strict=True)
+            opt.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+            start = int(meta["step"])
+            history = meta["history"]
+            history["resumed_from"] = start
+
+    n = len(train_examples)
+    order = _Order(n, cfg.seed)
+    ex = train_examples
+    # keep the examples on the training device when they are small (avoids a copy per step)
+    if device.type != "cpu" and ex.input_ids.numel() * 8 < 2 ** 31:
+        ex = Examples(ex.input_ids.to(device), ex.attention_mask.to(device), ex.labels.to(device),
+                      ex.target_item_ids)
+    decoder_start = 0  # TokenLayout.decoder_start_id (= pad) for every layout
+    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+                else _NullCtx())
+
+    def run_eval(step):
+        if eval_fn is None:
+            return
+        model.eval()
+        with torch.no_grad():
+            res = eval_fn(model)
+        model.train()
+        if not isinstance(res, dict):
+            raise TypeError(f"eval_fn must return a dict of metrics, got {type(res).__name__}")
+        res = {k: float(v) for k, v in res.items()}
+        if cfg.best_metric not in res:
+            raise ValueError(f"eval_fn returned {sorted(res)} but TrainConfig.best_metric is "
+                             f"{cfg.best_metric!r}; set best_metric to one of them")
+        history["evals"].append({"step": step, **res})
+        if _better(res[cfg.best_metric], history["best_value"], cfg.best_mode):
+            history["best_value"], history["best_step"] = res[cfg.best_metric], step
+            if cfg.checkpoint_dir is not None:
+                _save_best(cfg, model, layout)
+            best_state[0] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    best_state: list = [None]
+    t0 = time.monotonic()
+    step = start
+    stopped = "max_steps"
+    cuda_devs = [device.index or 0] if device.type == "cuda" else []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=start, desc="train", dynamic_ncols=True)
+    run_loss = torch.zeros((), device=device)
+    run_n = 0
+    last_eval = None
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=cuda_devs):
+            while step < cfg.max_steps:
+                if cfg.time_budget_s is not None and time.monotonic() - t0 >= cfg.time_budget_s:
+                    stopped = "time_budget"
+                    break
+                torch.manual_seed(_seed_of(cfg.seed, "step", step))
+                lr = lr_at(step, cfg)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                idx = order.batch(step, cfg.batch_size).to(ex.input_ids.device)
+                ids, mask, labels = ex.batch(idx)
+                ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+                with autocast:
+                    loss = model.loss(ids, mask, labels, decoder_start)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                step += 1
+                run_loss += loss.detach()
+                run_n += 1
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    mean = float(run_loss) / run_n
+                    if not math.isfinite(mean):
+                        raise FloatingPointError(f"training loss became {mean} before step {step}; "
+                                                 "lower TrainConfig.lr or enable grad_clip")
+                    history["loss"].append([step, mean])
+                    history["lr"].append([step, lr])
+                    run_loss.zero_()
+                    run_n = 0
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+                if bar is not None:
+                    bar.update(1)
+                if step % cfg.eval_every == 0:
+                    run_eval(step)
+                    last_eval = step
+                if cfg.checkpoint_dir is not None and step % cfg.checkpoint_every == 0:
+                    history["final_step"] = step
+                    _save_checkpoint(cfg, model, opt, step, history)
+    finally:
+        if bar is not None:
+            bar.close()
+    if run_n:
+        history["loss"].append([step, float(run_loss) / run_n])
+        history["lr"].append([step, lr_at(max(step - 1, 0), cfg)])
+    if stopped == "max_steps" and last_eval != step and step > start:
+        run_eval(step)
+    history["stopped"] = stopped
+    history["final_step"] = step
+    elapsed = time.monotonic() - t0
+    history["steps_per_s"] = (step - start) / elapsed if elapsed > 0 else None
+    if cfg.checkpoint_dir is not None and step > start:
+        _save_checkpoint(cfg, model, opt, step, history)
+    if best_state[0] is not None:
+        model.load_state_dict(best_state[0])
+    elif eval_fn is not None and history["best_step"] is not None and cfg.checkpoint_dir is not None:
+        # the best model was found before a resume: reload it from disk
+        _load_best_into(model, cfg.checkpoint_dir, layout)
+    model.eval()
+    return history
+
+
+def _load_best_into(model: T5, checkpoint_dir: str, layout) -> None:
+    from safetensors.torch import load_file
+
+    p = os.path.join(checkpoint_dir, "best", "model.safetensors")
+    if os.path.isfile(p):
+        model.load_state_dict(load_file(p, device=str(model.shared.weight.device)), strict=True)
+
+
+class _NullCtx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
