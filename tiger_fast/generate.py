@@ -1,0 +1,463 @@
+"""Top-K retrieval with a trained TIGER retriever: trie-constrained beam search or per-level
+temperature sampling, dispatching the per-level selection to a backend.
+
+    from tiger_fast import generate
+    res = generate(model, histories, id_table, user_ids=users, k=10)
+    res.item_ids   # int64 (R, 10), best first, -1 = padding
+    res.codes      # int64 (R, 10, 4) semantic IDs
+    res.scores     # float32 (R, 10) log-probabilities (full-vocab log_softmax, masked, summed)
+
+Pipeline: the encoder runs once per request row; then ``layout.num_levels`` decoder steps with the
+KV cache (beams batched as R * num_beams rows), each: full-vocabulary float32 log_softmax -> the
+level's block -> selection step (``backend``); then, with the T5 end-token convention (``eos=True``,
+the default, matching targets that end with eos), one more decoder step adds log p(eos | ID) and
+re-ranks (DESIGN §4).  For a Hugging Face ``T5ForConditionalGeneration`` on the same layout the
+returned IDs and order equal HF ``generate(num_beams=num_beams, num_return_sequences=k,
+prefix_allowed_tokens_fn=<trie>, length_penalty=0.0, early_stopping=True,
+max_new_tokens=num_levels + 1)`` (``max_new_tokens=num_levels`` and ``eos=False`` without the end
+token).
+
+Backends: "reference" (tiger_fast.reference.generate, plain torch), "cpu" (C++/OpenMP
+``tiger_fast._generate_ext``), "cuda" (the extension's CUDA kernels, model on a CUDA device), "auto"
+(cuda if the model is on a GPU and the kernels are usable, else cpu, else reference; see
+``backend_status()`` for why one is skipped).  All return identical IDs, order and scores for beam
+search; for sampling they use the identical Philox stream (see tiger_fast/reference/generate.py
+for the one caveat about float64 transcendental functions).
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+import types
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .layout import TokenLayout
+from .reference import generate as ref
+from .trie import Trie
+
+BACKENDS = ("auto", "reference", "cpu", "cuda")
+
+
+@dataclass
+class GenerateResult:
+    """Top-K per request row, best first (sampling: in sample order).
+
+    item_ids int64 (R, k): external item ids, -1 = padding (never happens when k <= items in trie);
+    codes    int64 (R, k, L): semantic IDs (-1 rows for padding);
+    scores   float32 (R, k): summed log-probabilities (untempered, incl. the eos term when eos=True),
+             -inf for padding;
+    rows     int64 (R, k): rows of the IdTable (-1 = padding);
+    backend  str: the selection backend that ran."""
+    item_ids: torch.Tensor
+    codes: torch.Tensor
+    scores: torch.Tensor
+    rows: torch.Tensor
+    backend: str = "reference"
+
+
+# ---- backends --------------------------------------------------------------------------------------
+def _load_ext():
+    try:
+        from . import _generate_ext  # type: ignore[attr-defined]
+        return _generate_ext, ""
+    except ImportError as e:  # not built
+        return None, (f"tiger_fast._generate_ext is not built ({e}); build it with "
+                      "`python setup.py build_ext --inplace`")
+
+
+def backend_status(device=None) -> dict[str, str]:
+    """{backend: "" if usable on ``device`` else the reason it is not}."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    ext, why = _load_ext()
+    out = {"reference": ""}
+    out["cpu"] = why if ext is None else ""
+    if ext is None:
+        out["cuda"] = why
+    elif dev.type != "cuda":
+        out["cuda"] = f"the model is on {dev}, the cuda backend needs it on a CUDA device"
+    elif not ext.cuda_available():
+        out["cuda"] = f"CUDA kernels unavailable: {ext.cuda_unavailable_reason()}"
+    else:
+        out["cuda"] = ""
+    return out
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    status = backend_status(device)
+    if backend == "auto":
+        order = ("cuda", "cpu", "reference") if device.type == "cuda" else ("cpu", "reference")
+        return next(b for b in order if status[b] == "")
+    if status[backend]:
+        raise RuntimeError(f"backend {backend!r} cannot run: {status[backend]}")
+    return backend
+
+
+class _CpuSelect:
+    """Adapts the extension's numpy CPU entry points to the reference step signatures."""
+
+    def __init__(self, ext):
+        self.ext = ext
+
+    def beam(self, lp, scores, nodes, children, num_out):
+        dev = lp.device
+        out = self.ext.beam_select_step(_np(lp), _np(scores), _np(nodes), _np(children), int(num_out))
+        return tuple(torch.from_numpy(np.asarray(o)).to(dev) for o in out)
+
+    def sample(self, lp, tlp, scores, phi, keys, nodes, children, num_out, seed, step, row_keys):
+        dev = lp.device
+        out = self.ext.sample_select_step(_np(lp), _np(tlp), _np(scores), _np(phi), _np(keys), _np(nodes),
+                                          _np(children), int(num_out), int(seed), int(step), _np(row_keys))
+        return tuple(torch.from_numpy(np.asarray(o)).to(dev) for o in out)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+class _CudaSelect:
+    """Adapts the extension's CUDA launchers (raw device pointers, current stream) to the reference
+    step signatures.  Errors flagged by the kernels are checked once, at the end (``check``)."""
+
+    def __init__(self, ext, device):
+        self.ext = ext
+        self.device = device
+        self.flag = torch.zeros(1, dtype=torch.int32, device=device)
+        self._ws = torch.zeros(0, dtype=torch.uint8, device=device)
+
+    def _workspace(self, R, B, S):
+        n = int(self.ext.cuda_workspace_bytes(R, B, S))
+        if self._ws.numel() < n:
+            self._ws = torch.empty(n, dtype=torch.uint8, device=self.device)
+        return self._ws.data_ptr()
+
+    def _outs(self, R, num_out, sample):
+        d = self.device
+        o = [torch.empty(R, num_out, dtype=torch.int64, device=d), torch.empty(R, num_out, dtype=torch.int64, device=d),
+             torch.empty(R, num_out, dtype=torch.float32, device=d), torch.empty(R, num_out, dtype=torch.int64, device=d)]
+        if sample:
+            o += [torch.empty(R, num_out, dtype=torch.float64, device=d),
+                  torch.empty(R, num_out, dtype=torch.float64, device=d)]
+        return o
+
+    @staticmethod
+    def _check_rc(rc):
+        # The bindings raise on launch errors and return 0; a non-zero return is still an error.
+        if rc not in (0, None):
+            raise RuntimeError(f"CUDA selection step failed with code {rc}")
+
+    def beam(self, lp, scores, nodes, children, num_out):
+        lp, scores, nodes, children = (t.contiguous() for t in (lp, scores, nodes, children))
+        R, B, S = lp.shape
+        o = self._outs(R, num_out, False)
+        rc = self.ext.cuda_beam_select_step(lp.data_ptr(), scores.data_ptr(), nodes.data_ptr(), children.data_ptr(),
+                                            R, B, S, children.shape[0], int(num_out),
+                                            *(t.data_ptr() for t in o), self.flag.data_ptr(),
+                                            self._workspace(R, B, S), torch.cuda.current_stream(self.device).cuda_stream)
+        self._check_rc(rc)
+        return tuple(o)
+
+    def sample(self, lp, tlp, scores, phi, keys, nodes, children, num_out, seed, step, row_keys):
+        lp, tlp, scores, phi, keys, nodes, children = (t.contiguous() for t in (lp, tlp, scores, phi, keys, nodes, children))
+        rk = row_keys.to(self.device).contiguous()
+        R, B, S = lp.shape
+        o = self._outs(R, num_out, True)
+        rc = self.ext.cuda_sample_select_step(lp.data_ptr(), tlp.data_ptr(), scores.data_ptr(), phi.data_ptr(),
+                                              keys.data_ptr(), nodes.data_ptr(), children.data_ptr(), rk.data_ptr(),
+                                              R, B, S, children.shape[0], int(num_out), int(seed), int(step),
+                                              *(t.data_ptr() for t in o), self.flag.data_ptr(),
+                                              self._workspace(R, B, S),
+                                              torch.cuda.current_stream(self.device).cuda_stream)
+        self._check_rc(rc)
+        return tuple(o)
+
+    def check(self):
+        f = int(self.flag.item())
+        if f:
+            raise ValueError(f"CUDA selection step reported error bits {f} (1: beam node out of range, "
+                             "2: NaN score/key); the model produced NaN logits or the trie is inconsistent")
+
+
+def _selector(backend: str, device: torch.device):
+    """-> (beam_step, sample_step, finish) callables for ``constrained_decode``."""
+    if backend == "reference":
+        return ref.beam_select_step, ref.sample_select_step, (lambda: None)
+    ext, _ = _load_ext()
+    if backend == "cpu":
+        s = _CpuSelect(ext)
+        return s.beam, s.sample, (lambda: None)
+    s = _CudaSelect(ext, device)
+    return s.beam, s.sample, s.check
+
+
+# ---- model adapters --------------------------------------------------------------------------------
+def _is_hf(model) -> bool:
+    return hasattr(model, "get_encoder") and hasattr(model, "config") and getattr(model.config, "is_encoder_decoder", False)
+
+
+def _is_ours(model) -> bool:
+    return all(hasattr(model, a) for a in ("encode", "init_cache", "decode_step", "reorder_cache"))
+
+
+def _model_vocab(model) -> int:
+    return int(model.config.vocab_size)
+
+
+def _model_device(model) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _has_fields(obj, names) -> bool:
+    return all(hasattr(obj, n) for n in names)
+
+
+class _OursStepper:
+    """tiger_fast.t5.T5: encode once, then decode_step with its T5Cache."""
+
+    def __init__(self, model, input_ids, mask, num_levels):
+        self.model = model
+        enc = model.encode(input_ids, mask)
+        self.cache = model.init_cache(enc, mask, max_length=num_levels + 2)
+        self.device = input_ids.device
+
+    def __call__(self, parent, tokens):
+        R, B = tokens.shape
+        tokens = tokens.to(self.device)
+        if parent is not None:
+            parent = parent.to(self.device)
+            prev_b = self.cache.batch_size // R
+            idx = (torch.arange(R, device=parent.device).unsqueeze(1) * prev_b + parent.clamp(min=0)).reshape(-1)
+            if prev_b == B and _has_fields(self.cache, ("self_kv", "cross_kv", "length")):
+                # Beams only move within their request, whose beams all share the same encoder
+                # output, so the cross-attention K/V rows are already right: reorder only the
+                # self-attention K/V (copying cross K/V was ~half of the decode time).
+                n = self.cache.length
+                kv = self.cache.self_kv
+                kv[:, :, :, :, :n] = kv[:, :, :, :, :n].index_select(2, idx)
+            else:
+                self.cache = self.model.reorder_cache(self.cache, idx)
+        logits = self.model.decode_step(tokens.reshape(-1), self.cache)
+        return logits.view(R, B, -1)
+
+
+class _HFStepper:
+    """HF T5ForConditionalGeneration: the encoder once, then the model with the KV cache."""
+
+    def __init__(self, model, input_ids, mask):
+        self.model = model
+        self.enc = model.get_encoder()(input_ids=input_ids, attention_mask=mask.long(), return_dict=True)
+        self.enc_h = self.enc.last_hidden_state
+        self.mask = mask.long()
+        self.cache = None
+        params = inspect.signature(model.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.device = input_ids.device
+        self.cur_b = 1
+
+    def __call__(self, parent, tokens):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        R, B = tokens.shape
+        tokens = tokens.to(self.device)
+        if parent is not None:
+            parent = parent.to(self.device)
+            prev_b = self.cur_b
+            idx = (torch.arange(R, device=parent.device).unsqueeze(1) * prev_b + parent.clamp(min=0)).reshape(-1)
+            if prev_b == B and hasattr(self.cache, "self_attention_cache"):
+                self.cache.self_attention_cache.reorder_cache(idx)  # cross K/V: as in _OursStepper
+            else:
+                self.cache.reorder_cache(idx)
+        self.cur_b = B
+        rows = torch.arange(R, device=tokens.device).repeat_interleave(B)
+        enc = BaseModelOutput(last_hidden_state=self.enc_h.index_select(0, rows))
+        out = self.model(encoder_outputs=enc, attention_mask=self.mask.index_select(0, rows),
+                         decoder_input_ids=tokens.reshape(-1, 1), use_cache=True,
+                         **{self.cache_kw: self.cache})
+        self.cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return out.logits[:, -1, :].view(R, B, -1)
+
+
+# ---- inputs ----------------------------------------------------------------------------------------
+def _encoder_input_fallback(layout, id_table, user_id, history, max_items):
+    """[user token] + the num_levels tokens of each of the last <= max_items items, oldest first
+    (user token omitted when user_id is None)."""
+    toks = id_table.tokens_of(torch.as_tensor(history[-max_items:], dtype=torch.int64)).reshape(-1).tolist()
+    return ([] if user_id is None else [layout.user_token(user_id)]) + toks
+
+
+def _encoder_inputs(layout, id_table, histories, user_ids, max_history, device):
+    try:
+        from .sequences import encoder_input
+    except ImportError:  # pragma: no cover - sequences.py ships with the package
+        encoder_input = None
+    if isinstance(histories, torch.Tensor) and histories.dim() == 2:
+        histories = list(histories)
+    if not isinstance(histories, (list, tuple)) or len(histories) == 0:
+        raise ValueError("histories must be a non-empty list of item-id sequences (one per request)")
+    R = len(histories)
+    if user_ids is not None and len(user_ids) != R:
+        raise ValueError(f"user_ids has {len(user_ids)} entries but histories has {R}; give one per request")
+    if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
+        raise ValueError(f"max_history must be a positive int, got {max_history!r}")
+    hists = []
+    for i, h in enumerate(histories):
+        h = torch.as_tensor(np.asarray(h.cpu() if isinstance(h, torch.Tensor) else h))
+        if h.dim() != 1 or (h.numel() and (h.dtype.is_floating_point or h.dtype == torch.bool)):
+            raise ValueError(f"histories[{i}] must be a 1-D sequence of integer item ids")
+        if h.numel() == 0:
+            raise ValueError(f"histories[{i}] is empty; every request needs at least one past item "
+                             "(serve users without history with a popularity fallback)")
+        hists.append(h.long())  # all checked below; the encoder input keeps the last max_history
+    # One membership query for the whole batch (the table's sorted-id search, O(M log N)).
+    allh = torch.cat(hists)
+    known = id_table.contains(allh) if hasattr(id_table, "contains") else torch.isin(allh, id_table.item_ids)
+    if not bool(known.all()):
+        lens = torch.tensor([h.numel() for h in hists])
+        first = int((~known).nonzero()[0, 0])
+        i = int((torch.cumsum(lens, 0) <= first).sum())
+        raise ValueError(f"histories[{i}] contains item ids not in the id_table, e.g. {allh[~known][:5].tolist()} "
+                         "(add new items with IdTable.add_items first)")
+    seqs = []
+    for i, h in enumerate(hists):
+        u = None if user_ids is None else user_ids[i]
+        if encoder_input is not None and u is not None:
+            seqs.append(encoder_input(layout, id_table, u, h, max_items=max_history))
+        else:
+            seqs.append(_encoder_input_fallback(layout, id_table, u, h.tolist(), max_history))
+    S = max(len(s) for s in seqs)
+    ids = torch.full((R, S), layout.pad_id, dtype=torch.int64)
+    mask = torch.zeros(R, S, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.int64)
+        mask[i, :len(s)] = True
+    return ids.to(device), mask.to(device)
+
+
+def _check_int(v, name, lo=1):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    return int(v)
+
+
+# ---- public entry point ----------------------------------------------------------------------------
+def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beams: int | None = None,
+             temperature=None, seed: int = 0, row_keys=None, backend: str = "auto", trie: Trie | None = None,
+             max_history: int = 20, eos: bool = True) -> GenerateResult:
+    """Top-k items per request with trie-constrained decoding.
+
+    model: ``tiger_fast.t5.T5`` or HF ``T5ForConditionalGeneration`` whose vocabulary is
+        ``id_table.layout`` (vocab_size must equal ``layout.vocab_size``).
+    histories: list of R 1-D sequences of external item ids (oldest first, non-empty); the last
+        ``max_history`` are used.
+    id_table: ``tiger_fast.ids.IdTable`` (layout, item_ids, codes).
+    user_ids: None (no user token) or R user ids (int/str), hashed to the layout's user tokens.
+    k: results per row (1 <= k <= items in the trie).  num_beams: beam width (default k, >= k).
+    temperature: None = deterministic beam search; a float > 0 (all levels) or a sequence of
+        ``layout.num_levels`` floats > 0 = stochastic beam search (Gumbel-top-k, Kool et al. 2019)
+        drawing k distinct IDs without replacement from q(ID) = prod_l softmax(logits_l / T_l)
+        renormalised over the codes valid after the prefix; results in draw order (with
+        num_beams = k the draw is exact; extra beams change nothing since the top-k keys of the
+        last level always survive), scores untempered (log p, as for beam search).
+    seed: int in [0, 2^64), the sampling key.  row_keys: int64 (R,) per-request keys for the RNG
+        (e.g. user ids), default 0..R-1 (the row index: then a row's sample depends on its position
+        in the batch; pass row_keys to make it independent of batch composition and order).
+    backend: "auto" | "reference" | "cpu" | "cuda" (see the module docstring).
+    trie: a prebuilt ``Trie`` over ``id_table`` rows (for serving: build once with
+        ``Trie.from_id_table``, then keep it in sync in place: ``rows, codes =
+        id_table.add_items(ids, rq_codes); trie.add(rows, codes)`` for cold-start items and
+        ``trie.apply_row_map(id_table.remove_items(ids))`` for removals; ``trie.remove(rows)`` alone
+        hides items without touching the table); default: built from ``id_table`` on every call.
+    eos: whether the model's targets end with eos (the T5 convention, default): rank by
+        log p(ID) + log p(eos | ID).
+    Returns GenerateResult (item_ids int64 (R, k), codes int64 (R, k, L), scores float32 (R, k),
+    rows int64 (R, k)).
+    """
+    if not (_is_hf(model) or _is_ours(model)):
+        raise TypeError(f"model must be a tiger_fast.t5.T5 or a Hugging Face T5ForConditionalGeneration, "
+                        f"got {type(model).__name__}")
+    layout = getattr(id_table, "layout", None)
+    if not isinstance(layout, TokenLayout) or not hasattr(id_table, "item_ids"):
+        raise TypeError(f"id_table must be a tiger_fast.ids.IdTable, got {type(id_table).__name__}")
+    model_layout = getattr(model, "layout", None)
+    if isinstance(model_layout, TokenLayout):
+        model_layout.check_compatible(layout, "model layout vs id_table.layout")
+    V = _model_vocab(model)
+    if V != layout.vocab_size:
+        raise ValueError(f"the model's vocab_size ({V}) does not match id_table.layout.vocab_size "
+                         f"({layout.vocab_size}); the model and the ID table must use the same TokenLayout")
+    k = _check_int(k, "k")
+    num_beams = k if num_beams is None else _check_int(num_beams, "num_beams")
+    if num_beams < k:
+        raise ValueError(f"num_beams ({num_beams}) must be >= k ({k})")
+    L = layout.num_levels
+    temps = ref._temperatures(temperature, L)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2 ** 64:
+        raise ValueError(f"seed must be an int in [0, 2^64), got {seed!r}")
+    if not isinstance(eos, bool):
+        raise TypeError(f"eos must be a bool, got {type(eos).__name__}")
+    if trie is None:
+        trie = Trie.from_id_table(id_table)
+    elif not isinstance(trie, Trie):
+        raise TypeError(f"trie must be a tiger_fast.trie.Trie, got {type(trie).__name__}")
+    if tuple(trie.level_sizes) != tuple(layout.level_sizes):
+        raise ValueError(f"trie level sizes {trie.level_sizes} do not match the layout's {layout.level_sizes}")
+    if len(trie) == 0:
+        raise ValueError("the trie holds no items; nothing can be retrieved")
+    if k > len(trie):
+        raise ValueError(f"k ({k}) is larger than the number of items in the trie ({len(trie)}); lower k")
+    if trie.max_row() >= len(id_table):
+        raise ValueError(f"the trie refers to row {trie.max_row()} but id_table has {len(id_table)} rows; "
+                         "build the trie from this id_table (Trie.from_id_table) or add rows to both")
+
+    device = _model_device(model)
+    ids, mask = _encoder_inputs(layout, id_table, histories, user_ids, max_history, device)
+    R = ids.shape[0]
+    if row_keys is None:
+        rk = torch.arange(R, dtype=torch.int64)
+    else:
+        rk = torch.as_tensor(row_keys)
+        if rk.dtype != torch.int64 or tuple(rk.shape) != (R,):
+            raise ValueError(f"row_keys must be int64 ({R},) (one key per request), got {rk.dtype} {tuple(rk.shape)}")
+        rk = rk.cpu()
+    name = _resolve_backend(backend, device)
+    beam_step, sample_step, finish = _selector(name, device)
+    sel_device = torch.device("cpu") if name == "cpu" else device
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            stepper = _HFStepper(model, ids, mask) if _is_hf(model) else _OursStepper(model, ids, mask, L)
+            out = ref.constrained_decode(stepper, trie.tables(sel_device), layout, R, num_beams, use_eos=eos,
+                                         temperature=temps, seed=int(seed), row_keys=rk,
+                                         beam_step=beam_step, sample_step=sample_step)
+            finish()
+    finally:
+        model.train(was_training)
+    rows = out.rows[:, :k].cpu()
+    codes = out.codes[:, :k].cpu()
+    ok = rows >= 0
+    # The trie's leaves are rows of id_table: a trie built for another table would silently return
+    # wrong items, so the (cheap) R x k check is always on.
+    if not torch.equal(id_table.codes[rows[ok]], codes[ok]):
+        raise ValueError("the trie and id_table disagree (a returned row's semantic ID differs from the "
+                         "table's); build the trie from this id_table and keep both in sync on add/remove")
+    item_ids = torch.where(ok, id_table.item_ids[rows.clamp(min=0)], torch.full_like(rows, -1))
+    return GenerateResult(item_ids=item_ids, codes=codes, scores=out.scores[:, :k].cpu(), rows=rows, backend=name)
+
+
+class _CallableModule(types.ModuleType):
+    """``tiger_fast.generate`` is both this module and the public function: importing the submodule
+    binds the package attribute ``tiger_fast.generate`` to the module (shadowing the lazy function
+    export of tiger_fast/__init__.py), so the module itself forwards calls to ``generate``."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
