@@ -1,0 +1,141 @@
+"""TIGER quality on Amazon Beauty under a compute budget (not a test).
+
+    python benchmarks/quality_beauty.py --budget-min 60 --json results/quality_beauty.json
+
+Pipeline: Beauty (TIGER-paper split) -> MiniLM item embeddings -> RQ-VAE (trained on the warm
+items) -> semantic IDs -> paper-size T5 retriever trained for the time/step budget -> evaluation
+on the leave-one-out test split: Recall@5/10, NDCG@5/10 (full catalogue), Entropy@10 (bits, leaf
+categories) at beam search and T = 1 / 1.5 / 2 and a per-level temperature, invalid-ID rate of
+unconstrained beam search, cold-start Recall@K with the ε cap vs Semantic-KNN, and the popularity
+baseline.  Writes everything to one JSON.
+
+Cold start shares the training run (to fit one budget): 5 % of the test-target items are held out
+of every training sequence (paper protocol, tiger_fast.coldstart); the RQ-VAE and retriever never
+see them; they get IDs from the trained RQ-VAE afterwards and join the trie without retraining.
+The main metrics are computed on all test users with that same model and trie (cold items
+included), so they are a little pessimistic compared with training on every item (~3.5 % of the
+interactions are held out).
+
+Paper (Rajput et al. 2023, Table 2, Beauty): R@5 .0454, N@5 .0321, R@10 .0648, N@10 .0384 after
+200k steps at batch 256 on accelerators.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+PAPER = {"recall@5": 0.0454, "ndcg@5": 0.0321, "recall@10": 0.0648, "ndcg@10": 0.0384}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=None, help="Beauty directory (default: $TIGER_FAST_DATA or ../shared/data)")
+    p.add_argument("--budget-min", type=float, default=60.0, help="retriever training wall-time budget, minutes")
+    p.add_argument("--steps", type=int, default=200_000, help="retriever training step cap (paper: 200k)")
+    p.add_argument("--rq-epochs", type=int, default=50)
+    p.add_argument("--eval-users", type=int, default=None, help="test users to evaluate (default: all)")
+    p.add_argument("--aux-users", type=int, default=1000, help="users for the temperature / invalid-rate tables")
+    p.add_argument("--warmup", type=int, default=10_000)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/tiger_fast/embeddings"))
+    p.add_argument("--checkpoint-dir", default=None, help="resumable training checkpoints (default: none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", required=True)
+    a = p.parse_args(argv)
+
+    from tiger_fast.coldstart import assign_cold_ids, evaluate_cold_start, split_cold_items
+    from tiger_fast.data import default_data_dir, load_beauty
+    from tiger_fast.embed import embed_dataset
+    from tiger_fast.evaluate import (entropy_vs_temperature, evaluate_popularity, evaluate_retriever,
+                                     invalid_rate_unconstrained)
+    from tiger_fast.ids import IdTable, semantic_id_report
+    from tiger_fast.layout import TokenLayout
+    from tiger_fast.pipeline import PipelineConfig, leaf_categories_by_row, train_tiger
+    from tiger_fast.rqvae import RQVAEConfig, RQVAETrainConfig, train_rqvae
+
+    t0 = time.perf_counter()
+    out: dict = {"args": vars(a), "paper": PAPER}
+
+    def save():
+        out["wall_s"] = time.perf_counter() - t0
+        tmp = a.json + ".tmp"
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=2, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x))
+        os.replace(tmp, a.json)
+
+    def say(msg):
+        print(f"[{time.perf_counter() - t0:7.0f} s] {msg}", flush=True)
+
+    full = load_beauty(a.data or default_data_dir() / "amazon-beauty-2014")
+    emb = embed_dataset(full, cache_dir=a.cache_dir)
+    say(f"Beauty {full.summary()['users']} users / {full.num_items} items; embeddings {emb.shape}")
+
+    split = split_cold_items(full, fraction=0.05, seed=a.seed)
+    ds = split.dataset
+    warm = np.asarray(split.warm_items)
+    cold = np.asarray(split.cold_items)
+    out["cold_split"] = {"cold_items": int(cold.size), "cold_test_users": int(len(split.cold_test_users))}
+
+    layout = TokenLayout()
+    t = time.perf_counter()
+    rq, rq_hist = train_rqvae(emb[warm], RQVAEConfig(input_dim=emb.shape[1]),
+                              RQVAETrainConfig(epochs=a.rq_epochs, seed=a.seed), progress=False)
+    table = IdTable.from_rq_codes(layout, full.item_ids[warm], rq.semantic_codes(emb[warm]))
+    assign_cold_ids(rq, emb[cold], full.item_ids[cold], table)
+    out["rqvae"] = {"seconds": time.perf_counter() - t, "final": rq_hist[-1] if rq_hist else None}
+    out["semantic_ids"] = {**table.report(), **semantic_id_report(table, leaf_categories_by_row(full, table))}
+    say(f"semantic IDs: {json.dumps(out['semantic_ids'], default=str)[:400]}")
+    save()
+
+    cfg = PipelineConfig(seed=a.seed, steps=a.steps, time_budget_s=a.budget_min * 60, batch_size=a.batch_size,
+                         lr=a.lr, warmup_steps=a.warmup, eval_every=max(a.steps, 1), eval_users=0)
+    t = time.perf_counter()
+    model, hist = train_tiger(ds, table, cfg, checkpoint_dir=a.checkpoint_dir, progress=False)
+    out["training"] = {"seconds": time.perf_counter() - t, "steps": hist.get("final_step"),
+                       "stopped": hist.get("stopped"), "steps_per_s": hist.get("steps_per_s"),
+                       "examples_seen": (hist.get("final_step") or 0) * a.batch_size,
+                       "last_loss": hist["loss"][-1] if hist.get("loss") else None,
+                       "parameters": sum(p.numel() for p in model.parameters())}
+    say(f"training: {out['training']}")
+    save()
+
+    keys = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "entropy@10", "coverage@10")
+    t = time.perf_counter()
+    res = evaluate_retriever(model, full, table, split="test", k=10, max_users=a.eval_users, seed=a.seed)
+    out["tiger"] = {k: res[k] for k in keys} | {"num_examples": res["num_examples"], "seconds": time.perf_counter() - t}
+    pop = evaluate_popularity(full, split="test", max_users=a.eval_users, seed=a.seed)
+    out["popularity"] = {k: pop[k] for k in keys if k in pop}
+    say(f"TIGER {out['tiger']}\npopularity {out['popularity']}")
+    save()
+
+    rows = entropy_vs_temperature(model, full, table, temperatures=(None, 1.0, 1.5, 2.0, (2.0, 2.0, 0.5, 0.5)),
+                                  max_users=a.aux_users, seed=a.seed)
+    out["entropy_vs_temperature"] = rows
+    say(f"entropy vs temperature: {rows}")
+    save()
+
+    inv = invalid_rate_unconstrained(model, full, table, k=10, max_users=a.aux_users, seed=a.seed)
+    out["invalid_rate_unconstrained"] = inv
+    say(f"invalid rate: {inv}")
+    save()
+
+    cs = evaluate_cold_start(model, split, table, emb, ks=(5, 10), epsilon=0.1)
+    out["cold_start"] = cs
+    say(f"cold start: {cs}")
+    save()
+    say(f"done; wrote {a.json}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    main()

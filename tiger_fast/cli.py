@@ -1,0 +1,327 @@
+"""``tiger-fast`` command line.  Every command has ``--help``.
+
+    tiger-fast demo                                  whole pipeline on the embedded synthetic catalogue
+    tiger-fast embed       --data SPEC --out emb.npy
+    tiger-fast train-rqvae --embeddings emb.npy --out rqvae/
+    tiger-fast assign-ids  --rqvae rqvae/ --embeddings emb.npy|emb.parquet --out ids.parquet
+    tiger-fast id-report   --ids ids.parquet [--data SPEC]
+    tiger-fast train       --data SPEC --ids ids.parquet --out retriever/
+    tiger-fast evaluate    --data SPEC --ids ids.parquet --model retriever/
+    tiger-fast recommend   --data SPEC --ids ids.parquet --model retriever/ --user U
+    tiger-fast batch-recall --data SPEC --ids ids.parquet --model retriever/ --out recs.parquet [--redis URL]
+
+Dataset SPECs: ``synthetic[:items=2000,users=3000,seed=0]``, ``beauty[:DIR]``, ``scientific``,
+``lcrec:DIR:NAME``, ``amazon2014:REVIEWS:META``, ``tables:ITEMS:INTERACTIONS``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _print_json(obj) -> None:
+    from .pipeline import _jsonable
+
+    print(json.dumps(obj, indent=2, default=_jsonable))
+
+
+def _temperature(text):
+    """'none' | '1.5' | '2,2,0.5,0.5' -> None | float | tuple."""
+    if text is None or text.lower() == "none":
+        return None
+    try:
+        vals = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--temperature must be 'none', a number or a comma list, got {text!r}")
+    return vals[0] if len(vals) == 1 else vals
+
+
+def _load_ids(path, *, what="--ids"):
+    from .ids import IdTable
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {what}: no such file {path!r} (write one with `tiger-fast assign-ids`)")
+    return IdTable.from_parquet(path)
+
+
+def _load_model(path, id_table):
+    from .t5 import load_t5
+
+    if not os.path.exists(path):
+        raise SystemExit(f"error: --model: no such checkpoint {path!r} (train one with `tiger-fast train`)")
+    model, layout = load_t5(path)
+    layout.check_compatible(id_table.layout, "--model layout vs --ids layout")
+    return model.eval()
+
+
+def cmd_demo(a):
+    from .pipeline import PipelineConfig, run_demo
+
+    cfg = None
+    if a.time_budget is not None:
+        cfg = PipelineConfig(rq_epochs=50, t5={"num_encoder_layers": 2, "num_decoder_layers": 2},
+                             steps=100_000, time_budget_s=a.time_budget, warmup_steps=300, lr=0.005,
+                             eval_every=100_000, eval_users=0)
+    rep = run_demo(a.out, num_items=a.items, num_users=a.users, cfg=cfg, progress=not a.quiet)
+    return 0 if rep.get("beats_popularity") else 1
+
+
+def cmd_embed(a):
+    import numpy as np
+
+    from .data import load_dataset
+    from .embed import embed_dataset
+
+    ds = load_dataset(a.data)
+    emb = embed_dataset(ds, a.model, batch_size=a.batch_size, cache_dir=a.cache_dir, progress=not a.quiet)
+    tmp = a.out + ".tmp.npy"
+    np.save(tmp, emb)
+    os.replace(tmp, a.out)
+    ids_path = os.path.splitext(a.out)[0] + ".ids.npy"
+    np.save(ids_path, np.asarray(ds.item_ids, dtype=np.int64))
+    print(f"wrote {a.out} ({emb.shape[0]} x {emb.shape[1]} float32) and item ids {ids_path}")
+
+
+def cmd_train_rqvae(a):
+    import numpy as np
+
+    from .layout import TokenLayout
+    from .rqvae import RQVAEConfig, RQVAETrainConfig, save_rqvae, train_rqvae
+
+    if not os.path.isfile(a.embeddings):
+        raise SystemExit(f"error: --embeddings: no such file {a.embeddings!r}")
+    emb = np.load(a.embeddings, mmap_mode="r")
+    if emb.ndim != 2:
+        raise SystemExit(f"error: --embeddings must hold a 2-D (items, dim) array, got shape {emb.shape}")
+    layout = TokenLayout()
+    cfg = RQVAEConfig(input_dim=int(emb.shape[1]), codebook_sizes=layout.codebook_sizes)
+    if a.paper:
+        tcfg = RQVAETrainConfig.paper()
+        tcfg.seed, tcfg.device = a.seed, a.device
+    else:
+        tcfg = RQVAETrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed, device=a.device)
+
+    def log(rec):
+        if not a.quiet and (rec["epoch"] % max(1, a.epochs // 10) == 0 or rec["epoch"] == a.epochs - 1):
+            usage = " ".join(f"{u:.0%}" for u in rec["usage"])
+            print(f"epoch {rec['epoch']}: recon {rec['recon_loss']:.4f} rq {rec['rq_loss']:.4f} usage/level {usage}")
+
+    model, hist = train_rqvae(np.asarray(emb, dtype=np.float32), cfg, tcfg, progress=not a.quiet, log=log)
+    save_rqvae(model, a.out)
+    print(f"wrote {a.out}")
+
+
+def cmd_assign_ids(a):
+    from .assign import assign_ids
+
+    rep = assign_ids(a.rqvae, a.embeddings, a.out, ids=a.item_ids, chunk_size=a.chunk_size,
+                     backend=a.backend, work_dir=a.work_dir, restart=a.restart, progress=not a.quiet,
+                     embedding_column=a.embedding_column, id_column=a.id_column)
+    _print_json(rep)
+
+
+def cmd_id_report(a):
+    from .data import load_dataset
+    from .ids import semantic_id_report
+    from .pipeline import leaf_categories_by_row
+
+    table = _load_ids(a.ids)
+    rep = table.report()
+    if a.data:
+        ds = load_dataset(a.data)
+        rep.update(semantic_id_report(table, leaf_categories_by_row(ds, table)))
+    _print_json(rep)
+
+
+def cmd_train(a):
+    from .data import load_dataset
+    from .pipeline import PipelineConfig, train_tiger
+    from .t5 import save_t5
+
+    ds = load_dataset(a.data)
+    table = _load_ids(a.ids)
+    t5 = {}
+    if a.layers:
+        t5 = {"num_encoder_layers": a.layers, "num_decoder_layers": a.layers}
+    cfg = PipelineConfig(seed=a.seed, t5=t5, steps=a.steps, time_budget_s=a.time_budget,
+                         batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup, eval_every=a.eval_every,
+                         eval_users=a.eval_users, backend=a.backend)
+    model, hist = train_tiger(ds, table, cfg, checkpoint_dir=os.path.join(a.out, "checkpoints"),
+                              progress=not a.quiet)
+    save_t5(model, table.layout, os.path.join(a.out, "model"))
+    print(json.dumps({k: hist.get(k) for k in ("final_step", "stopped", "best_step", "best_value", "steps_per_s")}))
+    print(f"wrote {os.path.join(a.out, 'model')}")
+
+
+def _resolve_model_dir(path):
+    inner = os.path.join(path, "model")
+    return inner if os.path.isdir(inner) else path
+
+
+def cmd_evaluate(a):
+    from .data import load_dataset
+    from .evaluate import evaluate_popularity, evaluate_retriever
+
+    ds = load_dataset(a.data)
+    table = _load_ids(a.ids)
+    model = _load_model(_resolve_model_dir(a.model), table)
+    res = evaluate_retriever(model, ds, table, split=a.split, k=a.k, temperature=a.temperature,
+                             max_users=a.max_users, seed=a.seed, backend=a.backend, progress=not a.quiet)
+    out = {"tiger": {k: v for k, v in res.items() if isinstance(v, (int, float, str)) or v is None}}
+    if a.popularity:
+        out["popularity"] = evaluate_popularity(ds, split=a.split, max_users=a.max_users, seed=a.seed)
+    _print_json(out)
+
+
+def cmd_recommend(a):
+    from .data import load_dataset
+    from .generate import generate
+
+    ds = load_dataset(a.data)
+    table = _load_ids(a.ids)
+    model = _load_model(_resolve_model_dir(a.model), table)
+    where = {int(u): n for n, u in enumerate(ds.user_ids)}
+    if a.user not in where:
+        raise SystemExit(f"error: --user {a.user} is not a user of {a.data}")
+    u = where[a.user]
+    hist = ds.item_ids[ds.sequences[u]]
+    res = generate(model, [hist], table, user_ids=[a.user], k=a.k, temperature=a.temperature, seed=a.seed,
+                   backend=a.backend)
+    titles = {int(i): it.get("title", "") for i, it in zip(ds.item_ids, ds.items)}
+    print(f"user {a.user}, last items: " + "; ".join(titles[int(i)] for i in hist[-3:]))
+    for rank, (i, code, s) in enumerate(zip(res.item_ids[0], res.codes[0], res.scores[0]), 1):
+        if int(i) < 0:
+            break
+        print(f"{rank:>3}. item {int(i)}  id {code.tolist()}  log-prob {float(s):.3f}  {titles.get(int(i), '')}")
+
+
+def cmd_batch_recall(a):
+    from .data import load_dataset
+    from .recall_export import batch_recall, load_to_redis
+
+    ds = load_dataset(a.data)
+    table = _load_ids(a.ids)
+    model = _load_model(_resolve_model_dir(a.model), table)
+    rep = batch_recall(model, ds, table, a.out, k=a.k, batch_size=a.batch_size, backend=a.backend,
+                       temperature=a.temperature, seed=a.seed, progress=not a.quiet)
+    if a.redis:
+        rep["redis"] = load_to_redis(a.out, a.redis, prefix=a.redis_prefix)
+    _print_json(rep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tiger-fast", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Dataset SPECs: synthetic[:items=N,users=M,seed=S] | beauty[:DIR] | scientific | "
+                                       "lcrec:DIR:NAME | amazon2014:REVIEWS:META | tables:ITEMS:INTERACTIONS")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, fn, help_):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        return sp
+
+    def data_ids_model(sp, model=True):
+        sp.add_argument("--data", required=True, help="dataset SPEC (see `tiger-fast --help`)")
+        sp.add_argument("--ids", required=True, help="ID table Parquet from assign-ids")
+        if model:
+            sp.add_argument("--model", required=True, help="retriever directory from `tiger-fast train`")
+        sp.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda"],
+                        help="decoding backend (default auto)")
+        sp.add_argument("--seed", type=int, default=0)
+
+    sp = add("demo", cmd_demo, "the whole pipeline on the embedded synthetic catalogue (a few minutes on 2 cores)")
+    sp.add_argument("--out", default=None, help="directory to save the artefacts (rqvae, ids, retriever, report)")
+    sp.add_argument("--items", type=int, default=2000)
+    sp.add_argument("--users", type=int, default=3000)
+    sp.add_argument("--time-budget", type=float, default=None, help="retriever training seconds (default 120)")
+
+    sp = add("embed", cmd_embed, "embed item text with a sentence encoder -> .npy (+ .ids.npy)")
+    sp.add_argument("--data", required=True, help="dataset SPEC")
+    sp.add_argument("--out", required=True, help="output .npy")
+    sp.add_argument("--model", default=None, help="sentence-transformers name/path (default: packaged all-MiniLM-L6-v2)")
+    sp.add_argument("--batch-size", type=int, default=128)
+    sp.add_argument("--cache-dir", default=None, help="embedding cache directory")
+
+    sp = add("train-rqvae", cmd_train_rqvae, "train the RQ-VAE on item embeddings")
+    sp.add_argument("--embeddings", required=True, help=".npy float array (items, dim)")
+    sp.add_argument("--out", required=True, help="output directory (safetensors + JSON)")
+    sp.add_argument("--epochs", type=int, default=50)
+    sp.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    sp.add_argument("--paper", action="store_true", help="the paper's schedule: Adagrad lr 0.4, 20k epochs")
+    sp.add_argument("--batch-size", type=int, default=1024)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--device", default="cpu")
+
+    sp = add("assign-ids", cmd_assign_ids, "assign unique semantic IDs (streaming, resumable) -> ID table Parquet")
+    sp.add_argument("--rqvae", required=True, help="RQ-VAE directory from train-rqvae")
+    sp.add_argument("--embeddings", required=True, help=".npy (memory-mapped) or Parquet with an embedding column")
+    sp.add_argument("--item-ids", default=None, help=".npy of item ids for a .npy source (default: row index)")
+    sp.add_argument("--embedding-column", default="embedding")
+    sp.add_argument("--id-column", default="item_id")
+    sp.add_argument("--out", required=True, help="output ID table (.parquet)")
+    sp.add_argument("--chunk-size", type=int, default=65536)
+    sp.add_argument("--work-dir", default=None, help="intermediate files (default OUT.work); a rerun resumes from it")
+    sp.add_argument("--restart", action="store_true", help="discard a previous run's work dir")
+    sp.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "triton"])
+
+    sp = add("id-report", cmd_id_report, "collisions, max collision depth, usage per level (+ semantic check with --data)")
+    sp.add_argument("--ids", required=True)
+    sp.add_argument("--data", default=None, help="dataset SPEC, for the leaf-category check")
+
+    sp = add("train", cmd_train, "train the T5 retriever (resumes from OUT/checkpoints)")
+    sp.add_argument("--data", required=True)
+    sp.add_argument("--ids", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--steps", type=int, default=200_000)
+    sp.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
+    sp.add_argument("--batch-size", type=int, default=256)
+    sp.add_argument("--lr", type=float, default=0.01)
+    sp.add_argument("--warmup", type=int, default=10_000)
+    sp.add_argument("--layers", type=int, default=None, help="encoder and decoder layers (paper: 4)")
+    sp.add_argument("--eval-every", type=int, default=5000)
+    sp.add_argument("--eval-users", type=int, default=1000)
+    sp.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda"])
+    sp.add_argument("--seed", type=int, default=0)
+
+    sp = add("evaluate", cmd_evaluate, "Recall/NDCG@5,10, Entropy@10, coverage on the leave-one-out split")
+    data_ids_model(sp)
+    sp.add_argument("--split", default="test", choices=["test", "valid"])
+    sp.add_argument("--k", type=int, default=10)
+    sp.add_argument("--temperature", type=_temperature, default=None, help="none | T | T0,T1,T2,T3")
+    sp.add_argument("--max-users", type=int, default=None)
+    sp.add_argument("--popularity", action="store_true", help="also evaluate the popularity baseline")
+
+    sp = add("recommend", cmd_recommend, "top-K items for one user")
+    data_ids_model(sp)
+    sp.add_argument("--user", type=int, required=True)
+    sp.add_argument("--k", type=int, default=10)
+    sp.add_argument("--temperature", type=_temperature, default=None)
+
+    sp = add("batch-recall", cmd_batch_recall, "top-K for every user -> Parquet (and Redis)")
+    data_ids_model(sp)
+    sp.add_argument("--out", required=True, help="output Parquet")
+    sp.add_argument("--k", type=int, default=10)
+    sp.add_argument("--batch-size", type=int, default=256)
+    sp.add_argument("--temperature", type=_temperature, default=None)
+    sp.add_argument("--redis", default=None, help="redis://host:port/db to load the lists into (atomic)")
+    sp.add_argument("--redis-prefix", default="tiger:rec:")
+    return p
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        rc = args.fn(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""The TIGER pipeline end to end, as plain functions the CLI, the demo and the benchmarks share:
+
+    dataset -> item embeddings -> RQ-VAE -> semantic IDs (IdTable) -> retriever (T5) -> evaluation
+
+Every step takes its inputs explicitly (seeds included) and returns what it built, so a caller can
+stop anywhere, save the artefacts (``save_run``/``load_run``) and continue later.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .layout import TokenLayout
+
+
+@dataclass
+class PipelineConfig:
+    """Knobs of one end-to-end run (defaults: the paper's architecture, CPU-sized schedules).
+
+    rq_epochs / rq_lr: RQ-VAE schedule with Adam (the paper's Adagrad lr 0.4 diverged on Beauty here;
+    see RQVAETrainConfig.paper()); t5: overrides of the paper's T5 config
+    (e.g. ``{"num_encoder_layers": 2}``); steps / time_budget_s: retriever training length;
+    warmup_steps: constant-lr phase before inverse-sqrt decay (paper: 10k of 200k steps);
+    eval_users: users sampled for validation during training (0 = no validation)."""
+    seed: int = 0
+    rq_epochs: int = 50
+    rq_lr: float = 1e-3
+    t5: dict = field(default_factory=dict)
+    steps: int = 2000
+    time_budget_s: float | None = None
+    batch_size: int = 256
+    lr: float = 0.01
+    warmup_steps: int = 10_000
+    eval_every: int = 500
+    eval_users: int = 500
+    backend: str = "auto"
+    embed_model: str | None = None
+    cache_dir: str | None = None
+
+
+def embeddings_for(dataset, cfg: PipelineConfig, progress: bool = True) -> np.ndarray:
+    """float32 (N, D) item embeddings (precomputed ones when the dataset carries them)."""
+    from .embed import embed_dataset
+
+    return embed_dataset(dataset, cfg.embed_model, cache_dir=cfg.cache_dir, progress=progress)
+
+
+def build_semantic_ids(dataset, embeddings, cfg: PipelineConfig, *, layout: TokenLayout | None = None,
+                       progress: bool = True, log=None):
+    """Train the RQ-VAE on ``embeddings`` (float32 (N, D)) and give every item a unique 4-token ID.
+
+    Returns (rqvae, id_table, history)."""
+    from .ids import IdTable
+    from .rqvae import RQVAEConfig, RQVAETrainConfig, train_rqvae
+
+    layout = layout or TokenLayout()
+    rq_cfg = RQVAEConfig(input_dim=int(embeddings.shape[1]), codebook_sizes=layout.codebook_sizes)
+    rq_train = RQVAETrainConfig(epochs=cfg.rq_epochs, lr=cfg.rq_lr, seed=cfg.seed)
+    rqvae, history = train_rqvae(embeddings, rq_cfg, rq_train, progress=progress, log=log)
+    codes = rqvae.semantic_codes(embeddings, backend=cfg.backend if cfg.backend in ("auto", "reference") else "auto")
+    table = IdTable.from_rq_codes(layout, dataset.item_ids, codes)
+    return rqvae, table, history
+
+
+def train_tiger(dataset, id_table, cfg: PipelineConfig, *, checkpoint_dir: str | None = None,
+                progress: bool = True):
+    """Train the T5 retriever on the leave-one-out training split; validation Recall/NDCG on
+    ``cfg.eval_users`` sampled users.  Returns (model, history)."""
+    from .evaluate import evaluate_retriever
+    from .sequences import leave_one_out, tokenize_split
+    from .t5 import T5, paper_config
+    from .train import TrainConfig, train_retriever
+
+    layout = id_table.layout
+    torch.manual_seed(cfg.seed)  # the T5 init draws from torch's default generator
+    model = T5(paper_config(layout, **cfg.t5))
+    splits = leave_one_out(dataset)
+    examples = tokenize_split(splits.train, dataset, layout, id_table)
+    eval_fn = None
+    if cfg.eval_users:
+        def eval_fn(m):
+            r = evaluate_retriever(m, dataset, id_table, split="valid", k=10, max_users=cfg.eval_users,
+                                   seed=cfg.seed, backend=cfg.backend)
+            return {k: v for k, v in r.items() if isinstance(v, float)}
+    tcfg = TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                       max_steps=cfg.steps, seed=cfg.seed, eval_every=cfg.eval_every,
+                       time_budget_s=cfg.time_budget_s, checkpoint_dir=checkpoint_dir,
+                       checkpoint_every=max(cfg.eval_every, 100))
+    history = train_retriever(model, examples, config=tcfg, eval_fn=eval_fn, progress=progress, layout=layout)
+    model.eval()
+    return model, history
+
+
+def save_run(out_dir, *, rqvae=None, id_table=None, model=None, report: dict | None = None) -> None:
+    """Write what was built under ``out_dir``: rqvae/, ids.parquet, retriever/, report.json."""
+    from .rqvae import save_rqvae
+    from .t5 import save_t5
+
+    os.makedirs(out_dir, exist_ok=True)
+    if rqvae is not None:
+        save_rqvae(rqvae, os.path.join(out_dir, "rqvae"))
+    if id_table is not None:
+        id_table.to_parquet(os.path.join(out_dir, "ids.parquet"))
+    if model is not None:
+        save_t5(model, id_table.layout, os.path.join(out_dir, "retriever"))
+    if report is not None:
+        tmp = os.path.join(out_dir, "report.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2, default=_jsonable)
+        os.replace(tmp, os.path.join(out_dir, "report.json"))
+
+
+def _jsonable(x):
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
+    return str(x)
+
+
+def run_demo(out_dir: str | None = None, *, num_items: int = 2000, num_users: int = 3000,
+             cfg: PipelineConfig | None = None, progress: bool = True, echo=print) -> dict:
+    """The whole pipeline on the embedded synthetic catalogue; prints a short report and returns it.
+
+    Sized to finish in a few minutes on 2 CPU cores: a 2+2-layer retriever (the paper's width)
+    trained for a fixed time budget."""
+    from .data import synthetic_dataset
+    from .evaluate import entropy_vs_temperature, evaluate_popularity, evaluate_retriever
+    from .generate import generate
+    from .ids import semantic_id_report
+
+    cfg = cfg or PipelineConfig(rq_epochs=50, t5={"num_encoder_layers": 2, "num_decoder_layers": 2},
+                                steps=100_000, time_budget_s=120, warmup_steps=300, lr=0.005,
+                                eval_every=100_000, eval_users=0)
+    t_start = time.perf_counter()
+    report: dict = {"config": asdict(cfg)}
+
+    def stage(name):
+        echo(f"\n== {name}  (t = {time.perf_counter() - t_start:.0f} s)")
+
+    stage("1/6 synthetic catalogue")
+    ds = synthetic_dataset(num_items=num_items, num_users=num_users, seed=cfg.seed)
+    report["dataset"] = ds.summary()
+    echo(json.dumps(report["dataset"]))
+
+    stage("2/6 item text embeddings (all-MiniLM-L6-v2, offline)")
+    emb = embeddings_for(ds, cfg, progress=progress)
+    echo(f"embeddings: {emb.shape[0]} x {emb.shape[1]} float32")
+
+    stage("3/6 RQ-VAE -> semantic IDs")
+    rqvae, table, rq_hist = build_semantic_ids(ds, emb, cfg, progress=progress)
+    rep = semantic_id_report(table, leaf_categories_by_row(ds, table))
+    report["semantic_ids"] = {**table.report(), **rep, "rq_final": rq_hist[-1] if rq_hist else None}
+    echo(json.dumps({k: v for k, v in report["semantic_ids"].items() if k != "rq_final"}, default=_jsonable))
+
+    stage(f"4/6 retriever training (time budget {cfg.time_budget_s} s)")
+    model, hist = train_tiger(ds, table, cfg, progress=progress)
+    report["training"] = {k: hist.get(k) for k in ("final_step", "stopped", "steps_per_s")}
+    echo(json.dumps(report["training"]))
+
+    stage("5/6 evaluation (test split, all users)")
+    ours = evaluate_retriever(model, ds, table, split="test", k=10, backend=cfg.backend)
+    pop = evaluate_popularity(ds, split="test")
+    keys = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "entropy@10", "coverage@10")
+    report["evaluation"] = {"tiger": {k: ours[k] for k in keys if k in ours},
+                            "popularity": {k: pop[k] for k in keys if k in pop},
+                            "users_per_second": ours.get("users_per_second")}
+    echo(f"{'metric':<12}{'TIGER':>10}{'popularity':>12}")
+    for k in keys:
+        if k in ours and k in pop:
+            echo(f"{k:<12}{ours[k]:>10.4f}{pop[k]:>12.4f}")
+    report["beats_popularity"] = bool(ours["recall@10"] > pop["recall@10"] and ours["ndcg@10"] > pop["ndcg@10"])
+    echo(f"beats popularity on Recall@10 and NDCG@10: {report['beats_popularity']}")
+
+    rows = entropy_vs_temperature(model, ds, table, max_users=1000, seed=cfg.seed, backend=cfg.backend)
+    report["entropy_vs_temperature"] = rows
+    echo(f"\n{'temperature':<24}{'Recall@10':>10}{'Entropy@10':>12}")
+    for r in rows:
+        t = r["temperature"]
+        name = "beam search" if t is None else ("T=" + "/".join(f"{x:g}" for x in t))
+        echo(f"{name:<24}{r['recall@10']:>10.4f}{r['entropy@10']:>12.3f}")
+
+    stage("6/6 example recommendations")
+    users = [0, 1, 2]
+    hist_ids = [ds.item_ids[ds.sequences[u]] for u in users]
+    res = generate(model, hist_ids, table, user_ids=[int(ds.user_ids[u]) for u in users], k=5, backend=cfg.backend)
+    titles = {int(i): it.get("title", "") for i, it in zip(ds.item_ids, ds.items)}
+    report["examples"] = []
+    for n, u in enumerate(users):
+        last = [titles[int(i)] for i in hist_ids[n][-3:]]
+        recs = [(int(i), titles.get(int(i), "?"), [int(c) for c in code])
+                for i, code in zip(res.item_ids[n], res.codes[n]) if int(i) >= 0]
+        report["examples"].append({"user": int(ds.user_ids[u]), "last_items": last, "recommended": recs})
+        echo(f"user {int(ds.user_ids[u])}: last items {last}")
+        for i, title, code in recs:
+            echo(f"    -> item {i} {code}: {title}")
+    report["seconds"] = time.perf_counter() - t_start
+    echo(f"\ndone in {report['seconds']:.0f} s")
+    if out_dir:
+        save_run(out_dir, rqvae=rqvae, id_table=table, model=model, report=report)
+        echo(f"artefacts written to {out_dir}")
+    return report
+
+
+def leaf_categories_by_row(dataset, id_table) -> list:
+    """Leaf category of each IdTable row (the table may hold a subset, in another order)."""
+    rows = dataset.index_of(id_table.item_ids.numpy())
+    leaves = dataset.leaf_categories()
+    return [leaves[r] for r in rows]
