@@ -21,6 +21,10 @@ import os
 import sys
 
 
+class CliError(Exception):
+    """A bad argument: printed as one line ``error: ...`` with exit status 2."""
+
+
 def _print_json(obj) -> None:
     from .pipeline import _jsonable
 
@@ -42,7 +46,7 @@ def _load_ids(path, *, what="--ids"):
     from .ids import IdTable
 
     if not os.path.isfile(path):
-        raise SystemExit(f"error: {what}: no such file {path!r} (write one with `tiger-fast assign-ids`)")
+        raise CliError(f"{what}: no such file {path!r} (write one with `tiger-fast assign-ids`)")
     return IdTable.from_parquet(path)
 
 
@@ -50,7 +54,7 @@ def _load_model(path, id_table):
     from .t5 import load_t5
 
     if not os.path.exists(path):
-        raise SystemExit(f"error: --model: no such checkpoint {path!r} (train one with `tiger-fast train`)")
+        raise CliError(f"--model: no such checkpoint {path!r} (train one with `tiger-fast train`)")
     model, layout = load_t5(path)
     layout.check_compatible(id_table.layout, "--model layout vs --ids layout")
     return model.eval()
@@ -91,10 +95,10 @@ def cmd_train_rqvae(a):
     from .rqvae import RQVAEConfig, RQVAETrainConfig, save_rqvae, train_rqvae
 
     if not os.path.isfile(a.embeddings):
-        raise SystemExit(f"error: --embeddings: no such file {a.embeddings!r}")
+        raise CliError(f"--embeddings: no such file {a.embeddings!r}")
     emb = np.load(a.embeddings, mmap_mode="r")
     if emb.ndim != 2:
-        raise SystemExit(f"error: --embeddings must hold a 2-D (items, dim) array, got shape {emb.shape}")
+        raise CliError(f"--embeddings must hold a 2-D (items, dim) array, got shape {emb.shape}")
     layout = TokenLayout()
     cfg = RQVAEConfig(input_dim=int(emb.shape[1]), codebook_sizes=layout.codebook_sizes)
     if a.paper:
@@ -108,7 +112,7 @@ def cmd_train_rqvae(a):
             usage = " ".join(f"{u:.0%}" for u in rec["usage"])
             print(f"epoch {rec['epoch']}: recon {rec['recon_loss']:.4f} rq {rec['rq_loss']:.4f} usage/level {usage}")
 
-    model, hist = train_rqvae(np.asarray(emb, dtype=np.float32), cfg, tcfg, progress=not a.quiet, log=log)
+    model, hist = train_rqvae(np.array(emb, dtype=np.float32), cfg, tcfg, progress=not a.quiet, log=log)
     save_rqvae(model, a.out)
     print(f"wrote {a.out}")
 
@@ -184,7 +188,7 @@ def cmd_recommend(a):
     model = _load_model(_resolve_model_dir(a.model), table)
     where = {int(u): n for n, u in enumerate(ds.user_ids)}
     if a.user not in where:
-        raise SystemExit(f"error: --user {a.user} is not a user of {a.data}")
+        raise CliError(f"--user {a.user} is not a user of {a.data}")
     u = where[a.user]
     hist = ds.item_ids[ds.sequences[u]]
     res = generate(model, [hist], table, user_ids=[a.user], k=a.k, temperature=a.temperature, seed=a.seed,
@@ -317,7 +321,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         rc = args.fn(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (CliError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return int(rc or 0)
