@@ -1,0 +1,386 @@
+"""Benchmark trie-constrained decoding: the selection step alone and end-to-end retrieval.
+
+Selection alone (one thread, batch 256, beam 20, the 4 levels of a Beauty-size trie, random
+log-probs): the C++ step (tiger_fast._generate_ext.beam_select_step) vs the reference
+(tiger_fast.reference.generate.beam_select_step), a dense-mask PyTorch loop (children[node] >= 0 ->
+masked_fill -> topk) and an HF-style callback (one prefix_allowed_tokens_fn call per hypothesis
+building a -inf mask, as HF's PrefixConstrainedLogitsProcessor does, then topk over beams).
+
+End to end: the paper-size retriever (tiger_fast.t5.T5 default config, random weights unless
+--checkpoint) on a Beauty-size catalogue (12,101 items, random semantic IDs with collisions,
+histories of 20 items), beam 20, k 10, batch 1 and 256, temperature None and per-level:
+tiger_fast.generate with backend "cpu" and "reference", and HF generate(prefix_allowed_tokens_fn=...)
+on T5.to_hf() with the same weights (beam search only: HF's sampling is a different algorithm).
+Reports latency p50/p99, requests/s, the share of time outside the model forward and in the
+selection step, and how many top-k lists differ from HF's (IDs and order).
+
+    python benchmarks/bench_generate.py --json results/bench_generate.json
+    python benchmarks/bench_generate.py --quick          # a smoke run (fewer repetitions)
+"""
+from __future__ import annotations
+
+import os
+
+# Two OpenMP runtimes live in this process (torch's bundled libgomp and the extension's): with the
+# default active wait their idle threads spin and, on a shared or oversubscribed machine, steal the
+# cores from the other runtime (measured here: batch-1 generate 11-20 s instead of 65 ms).  Must be
+# set before torch/numpy start their thread pools; an explicit setting by the caller wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tiger_fast.layout import TokenLayout  # noqa: E402
+from tiger_fast.reference import generate as ref  # noqa: E402
+from tiger_fast.trie import Trie  # noqa: E402
+
+NUM_ITEMS = 12_101  # Amazon Beauty
+
+
+# ---- catalogue ---------------------------------------------------------------------------------------
+def beauty_size_codes(num_items: int = NUM_ITEMS, seed: int = 0) -> np.ndarray:
+    """int64 (N, 4): random RQ-VAE-like codes with a skewed first level (so prefixes collide), plus
+    the collision code (0, 1, ... within each (c0, c1, c2) group, by item order)."""
+    rng = np.random.default_rng(seed)
+    p0 = rng.random(256) ** 3
+    c0 = rng.choice(256, size=num_items, p=p0 / p0.sum())
+    c1 = rng.integers(0, 96, num_items)
+    c2 = rng.integers(0, 48, num_items)
+    key = (c0 * 256 + c1) * 256 + c2
+    order = np.argsort(key, kind="stable")
+    c3 = np.zeros(num_items, np.int64)
+    sk = key[order]
+    start = np.r_[0, np.flatnonzero(sk[1:] != sk[:-1]) + 1]
+    run = np.repeat(start, np.diff(np.r_[start, num_items]))
+    c3[order] = np.arange(num_items) - run
+    return np.stack([c0, c1, c2, c3], 1).astype(np.int64)
+
+
+def make_catalogue(seed: int = 0):
+    from tiger_fast.ids import IdTable
+
+    layout = TokenLayout()
+    codes = beauty_size_codes(seed=seed)
+    item_ids = np.random.default_rng(seed + 1).permutation(10 * NUM_ITEMS)[:NUM_ITEMS].astype(np.int64) + 1
+    table = IdTable(layout, item_ids, codes)
+    return layout, table, Trie.from_id_table(table)
+
+
+# ---- selection alone ---------------------------------------------------------------------------------
+def _timeit(fn, reps: int, warmup: int = 1) -> tuple[list[float], list[float]]:
+    """-> (wall seconds, CPU seconds of this thread) per repetition.  The CPU time is the robust
+    number on a shared machine (single-threaded runs: it excludes time the thread was preempted)."""
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(reps):
+        c0, t0 = time.thread_time(), time.perf_counter()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
+    return wall, cpu
+
+
+def selection_alone(trie: Trie, layout: TokenLayout, reps: int, R: int = 256, B: int = 20) -> dict:
+    """4 levels of selection on random log-probs; beams follow each method's own choices."""
+    from tiger_fast import _generate_ext as ext
+
+    tables = trie.tables()
+    gen = torch.Generator().manual_seed(0)
+    V = layout.vocab_size
+    lps = []
+    for l in range(layout.num_levels):
+        b_in = 1 if l == 0 else B
+        logits = torch.randn(R, b_in, V, generator=gen) * 2
+        lp = torch.log_softmax(logits, -1)
+        lps.append((lp, lp[..., layout.level_offset(l):layout.level_offset(l) + layout.level_sizes[l]].contiguous()))
+
+    def run_ext():
+        scores = np.zeros((R, 1), np.float32)
+        nodes = np.zeros((R, 1), np.int64)
+        for l in range(layout.num_levels):
+            _, sub = lps[l]
+            parent, tok, scores, nodes = ext.beam_select_step(sub.numpy(), scores, nodes, tables[l].numpy(), B,
+                                                              num_threads=1)
+        return nodes
+
+    def run_ref():
+        scores = torch.zeros(R, 1)
+        nodes = torch.zeros(R, 1, dtype=torch.int64)
+        for l in range(layout.num_levels):
+            _, sub = lps[l]
+            parent, tok, scores, nodes = ref.beam_select_step(sub, scores, nodes, tables[l], B)
+        return nodes
+
+    def run_dense():
+        # Dense masks from the trie tables: gather the children rows, mask, flatten beams, topk.
+        scores = torch.zeros(R, 1)
+        nodes = torch.zeros(R, 1, dtype=torch.int64)
+        for l in range(layout.num_levels):
+            _, sub = lps[l]
+            S = sub.shape[-1]
+            child = tables[l].long()[nodes.clamp(min=0)]
+            valid = (child >= 0) & (nodes >= 0).unsqueeze(-1)
+            cand = torch.where(valid, scores.unsqueeze(-1) + sub, torch.tensor(-math.inf))
+            top = torch.topk(cand.reshape(R, -1), B, dim=1)
+            par, tok = top.indices // S, top.indices % S
+            nodes = torch.gather(child.reshape(R, -1), 1, top.indices)
+            nodes = torch.where(torch.isfinite(top.values), nodes, -1)
+            scores = top.values
+        return nodes
+
+    # HF-style: a Python callback per hypothesis returning the allowed tokens of its prefix, a full-
+    # vocab -inf mask filled per hypothesis, then topk over (beams x vocab) like HF beam search.
+    allowed = _prefix_table(trie, layout)
+
+    def run_hf_callback():
+        scores = torch.zeros(R, 1)
+        prefixes = [[()] for _ in range(R)]
+        for l in range(layout.num_levels):
+            full, _ = lps[l]
+            b_in = full.shape[1]
+            mask = torch.full((R * b_in, V), -math.inf)
+            for r in range(R):
+                for b in range(b_in):
+                    toks = allowed.get(prefixes[r][b], [])
+                    if toks:
+                        mask[r * b_in + b, toks] = 0
+            cand = (full.reshape(R * b_in, V) + mask).reshape(R, b_in, V) + scores.unsqueeze(-1)
+            top = torch.topk(cand.reshape(R, -1), 2 * B, dim=1)  # HF keeps 2 * num_beams candidates
+            vals, idx = top.values[:, :B], top.indices[:, :B]
+            par, tok = idx // V, idx % V
+            prefixes = [[prefixes[r][int(par[r, j])] + (int(tok[r, j]),) for j in range(B)] for r in range(R)]
+            scores = vals
+        return scores
+
+    torch.set_num_threads(1)
+    out = {"rows": R, "beams": B, "levels": layout.num_levels, "threads": 1}
+    for name, fn, n in (("cpp_ext", run_ext, reps), ("reference", run_ref, max(2, reps // 3)),
+                        ("dense_mask_torch", run_dense, max(2, reps // 3)),
+                        ("hf_style_callback", run_hf_callback, 2)):
+        wall, cpu = _timeit(fn, n)
+        out[name + "_ms"] = 1e3 * float(np.median(wall))
+        out[name + "_cpu_ms"] = 1e3 * float(np.median(cpu))
+    out["anchors_measured_before_ms"] = {"hf_style_callback": 243.0, "dense_mask_torch": 13.0}
+    out["speedup_cpu_time_vs_dense_mask"] = out["dense_mask_torch_cpu_ms"] / out["cpp_ext_cpu_ms"]
+    out["speedup_cpu_time_vs_hf_callback"] = out["hf_style_callback_cpu_ms"] / out["cpp_ext_cpu_ms"]
+    # the ext and the reference must select the same nodes
+    out["ext_equals_reference"] = bool(torch.equal(torch.from_numpy(run_ext()), run_ref()))
+    return out
+
+
+def _prefix_table(trie: Trie, layout: TokenLayout) -> dict:
+    """{decoder prefix (tuple of generated tokens, without the start token): allowed next tokens}."""
+    codes = trie.codes_of_rows(torch.arange(trie.max_row() + 1))
+    codes = codes[(codes >= 0).all(1)]
+    toks = layout.codes_to_tokens(codes).tolist()
+    table: dict = {}
+    for t in toks:
+        for l in range(len(t)):
+            table.setdefault(tuple(t[:l]), set()).add(t[l])
+        table.setdefault(tuple(t), set()).add(layout.eos_id)
+    return {k: sorted(v) for k, v in table.items()}
+
+
+# ---- end to end --------------------------------------------------------------------------------------
+class _Timer:
+    """Wraps a callable and accumulates its wall time (seconds)."""
+
+    def __init__(self, fn):
+        self.fn, self.total = fn, 0.0
+
+    def __call__(self, *a, **k):
+        t0 = time.perf_counter()
+        try:
+            return self.fn(*a, **k)
+        finally:
+            self.total += time.perf_counter() - t0
+
+
+def _instrument(model):
+    """Time the model's forward parts (encode, decode_step, reorder_cache, init_cache) in place."""
+    timers = {}
+    for name in ("encode", "init_cache", "decode_step", "reorder_cache"):
+        t = _Timer(getattr(model, name))
+        setattr(model, name, t)
+        timers[name] = t
+    return timers
+
+
+def _uninstrument(model, timers):
+    for name in timers:
+        delattr(model, name)
+
+
+def _instrument_selection(backend: str):
+    """Time the selection steps the driver calls (patched module attributes)."""
+    from tiger_fast import _generate_ext as ext
+
+    mod = ext if backend == "cpu" else ref
+    timers = {}
+    for name in ("beam_select_step", "sample_select_step"):
+        t = _Timer(getattr(mod, name))
+        setattr(mod, name, t)
+        timers[name] = (mod, t)
+    return timers
+
+
+def _restore_selection(timers):
+    for name, (mod, t) in timers.items():
+        setattr(mod, name, t.fn)
+
+
+def _percentiles(ts):
+    a = np.asarray(ts) * 1e3
+    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+            "mean_ms": float(a.mean()), "n": len(ts)}
+
+
+def hf_generate(hf, table, layout, ids, mask, num_beams, k, allowed):
+    """HF constrained beam search -> item rows int64 (R, k) (-1 when HF returned an invalid ID)."""
+    L = layout.num_levels
+
+    def prefix_fn(batch_id, input_ids):
+        # input_ids: (t,) decoder tokens so far, starting with the decoder start token.
+        return allowed.get(tuple(input_ids[1:].tolist()), [layout.pad_id])
+
+    with torch.inference_mode():
+        out = hf.generate(input_ids=ids, attention_mask=mask.long(), num_beams=num_beams,
+                          num_return_sequences=k, prefix_allowed_tokens_fn=prefix_fn, length_penalty=0.0,
+                          early_stopping=True, max_new_tokens=L + 1, do_sample=False)
+    seqs = out[:, 1:1 + L]
+    R = ids.shape[0]
+    rows = torch.full((R * k,), -1, dtype=torch.int64)
+    if seqs.shape[1] == L:
+        offs = torch.tensor([layout.level_offset(l) for l in range(L)])
+        sizes = torch.tensor(layout.level_sizes)
+        codes = seqs - offs
+        ok = ((codes >= 0) & (codes < sizes)).all(1)
+        if ok.any():
+            rows[ok] = torch.as_tensor(table.rows_of_codes(codes[ok]), dtype=torch.int64)
+    return rows.view(R, k)
+
+
+def end_to_end(args, layout, table, trie) -> dict:
+    from tiger_fast.generate import generate as tf_generate
+    from tiger_fast.generate import _encoder_inputs
+    from tiger_fast.t5 import T5, load_t5, paper_config
+
+    if args.checkpoint:
+        model, ck_layout = load_t5(args.checkpoint)
+        ck_layout.check_compatible(layout, "checkpoint layout")
+    else:
+        model = T5(paper_config(layout), seed=0)
+    model.eval()
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(1)
+    item_ids = table.item_ids.numpy()
+    results = {"threads": args.threads, "num_beams": args.beams, "k": args.k,
+               "model_parameters": int(model.num_parameters()), "runs": []}
+    hf = None
+    if not args.no_hf:
+        hf = model.to_hf().eval()
+        allowed = _prefix_table(trie, layout)
+    temps = {"beam": None, "per_level": (2.0, 1.5, 1.0, 0.5)}
+    for batch in args.batches:
+        hist = [rng.choice(item_ids, 20, replace=False) for _ in range(batch)]
+        users = rng.integers(0, 1_000_000, batch).tolist()
+        reps = args.reps_small if batch <= 8 else args.reps_large
+        for tname, T in temps.items():
+            per_backend = {}
+            for backend in ("cpu", "reference"):
+                lat, model_t, sel_t = [], 0.0, 0.0
+                res = None
+                for i in range(reps + 1):  # first call = warm-up
+                    mt = _instrument(model)
+                    st = _instrument_selection(backend)
+                    t0 = time.perf_counter()
+                    try:
+                        res = tf_generate(model, hist, table, user_ids=users, k=args.k, num_beams=args.beams,
+                                          temperature=T, seed=3, backend=backend, trie=trie)
+                    finally:
+                        dt = time.perf_counter() - t0
+                        _uninstrument(model, mt)
+                        _restore_selection(st)
+                    if i > 0:
+                        lat.append(dt)
+                        model_t += sum(t.total for t in mt.values())
+                        sel_t += sum(t.total for _, t in st.values())
+                total = sum(lat)
+                per_backend[backend] = {**_percentiles(lat), "requests_per_s": batch * len(lat) / total,
+                                        "share_outside_model_forward": 1 - model_t / total,
+                                        "share_in_selection_step": sel_t / total,
+                                        "selection_ms_per_call": 1e3 * sel_t / len(lat),
+                                        "item_ids": res.item_ids}
+            same = torch.equal(per_backend["cpu"]["item_ids"], per_backend["reference"]["item_ids"])
+            run = {"batch": batch, "temperature": tname, "cpu_equals_reference_ids": bool(same)}
+            if hf is not None and T is None:
+                ids, mask = _encoder_inputs(layout, table, hist, users, 20, torch.device("cpu"))
+                lat = []
+                rows = None
+                for i in range(max(1, reps // 2) + 1):
+                    t0 = time.perf_counter()
+                    rows = hf_generate(hf, table, layout, ids, mask, args.beams, args.k, allowed)
+                    if i > 0:
+                        lat.append(time.perf_counter() - t0)
+                hf_items = torch.where(rows >= 0, table.item_ids[rows.clamp(min=0)], torch.full_like(rows, -1))
+                ours = per_backend["cpu"]["item_ids"]
+                per_backend["hf_generate"] = {**_percentiles(lat), "requests_per_s": batch * len(lat) / sum(lat)}
+                run["hf_mismatched_lists"] = int((ours != hf_items).any(1).sum())
+                run["hf_mismatched_entries"] = int((ours != hf_items).sum())
+                run["hf_invalid_ids"] = int((rows < 0).sum())
+                run["speedup_cpu_vs_hf_requests_per_s"] = (per_backend["cpu"]["requests_per_s"]
+                                                           / per_backend["hf_generate"]["requests_per_s"])
+            for b in per_backend.values():
+                b.pop("item_ids", None)
+            run["backends"] = per_backend
+            results["runs"].append(run)
+            print(json.dumps(run, indent=None, default=float), flush=True)
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", help="write results to this JSON file")
+    p.add_argument("--quick", action="store_true", help="few repetitions (smoke run)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 256])
+    p.add_argument("--beams", type=int, default=20)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch/OpenMP threads end to end")
+    p.add_argument("--checkpoint", help="a save_t5 checkpoint (default: random weights, paper config)")
+    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
+    p.add_argument("--skip-e2e", action="store_true", help="selection-alone benchmark only")
+    p.add_argument("--skip-selection", action="store_true")
+    args = p.parse_args(argv)
+    args.reps_small = 5 if args.quick else 30
+    args.reps_large = 1 if args.quick else 5
+
+    layout, table, trie = make_catalogue()
+    out = {"benchmark": "generate", "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                                "torch": torch.__version__,
+                                                "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+                                                "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
+           "catalogue": {"items": len(table), "trie_nodes": trie.num_nodes()}}
+    if not args.skip_selection:
+        out["selection_alone"] = selection_alone(trie, layout, reps=5 if args.quick else 20)
+        print(json.dumps(out["selection_alone"]), flush=True)
+    if not args.skip_e2e:
+        out["end_to_end"] = end_to_end(args, layout, table, trie)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2, default=float)
+    return out
+
+
+if __name__ == "__main__":
+    main()
