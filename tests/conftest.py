@@ -1,5 +1,7 @@
 import os
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see tiger_fast/__init__.py
+
 # Triton kernels run on the CPU through the interpreter when there is no GPU.  This must be set
 # before triton is imported anywhere, hence here.
 if not os.environ.get("TRITON_INTERPRET"):

@@ -24,6 +24,25 @@ Checkpoints (``checkpoint_dir``): ``ckpt-<step>.safetensors`` (model + optimizer
 the commit marker, so an interrupted write is never picked up.  Older checkpoints are deleted after
 a newer one is committed.  The best model by ``best_metric`` goes to ``best/`` (`save_t5` format when
 a ``layout`` is given, else ``best/model.safetensors`` + ``best/t5_config.json``).
+
+Multi-process data parallelism (DDP).  Launch the training script with ``torchrun
+--nproc_per_node=N script.py`` and call ``init_distributed()`` before ``train_retriever``; when a
+process group with more than one rank is initialised, ``train_retriever`` trains with
+``torch.nn.parallel.DistributedDataParallel`` (gloo on CPU, NCCL on GPU, device ``cuda`` maps to
+``cuda:LOCAL_RANK``).  Every rank holds the same ``train_examples`` and computes the same global
+batch ``s`` (the order above); rank ``r`` takes the ``r``-th of ``world_size`` contiguous, disjoint
+slices of it (uneven when the batch size is not a multiple of the world size).  Each rank's loss is
+its token-mean cross-entropy scaled by ``world_size * tokens_r / tokens_global`` so that DDP's
+gradient *average* equals the gradient of the global batch's token-mean loss — the same objective,
+global batch and logged loss as a single-process run with the same ``batch_size``.  Rank 0 alone
+writes checkpoints and runs ``eval_fn`` (its metrics are broadcast, so every rank keeps the same
+history and best model); ``checkpoint_dir`` must be on a filesystem shared by all ranks.
+Nondeterminism: the all-reduce sums the ranks' gradients in an order of its own and each rank's
+batch shard is padded to its own longest row (different GEMM shapes), so gradients equal the
+single-process ones only up to float32 rounding (measured ~1e-7 relative; tests/test_ddp.py), and a run is not
+bit-reproducible across world sizes; dropout masks are drawn per rank from seeds derived from
+(seed, step, rank, world size), so with dropout > 0 a DDP run is a statistically equivalent, not an
+identical, run.  NCCL's all-reduce is additionally not bit-deterministic across runs.
 """
 from __future__ import annotations
 
@@ -43,7 +62,8 @@ from .layout import TokenLayout
 from .sequences import Examples
 from .t5 import T5, T5Config, _atomic_write, save_t5
 
-__all__ = ["TrainConfig", "lr_at", "train_retriever", "latest_checkpoint", "load_checkpoint"]
+__all__ = ["TrainConfig", "lr_at", "train_retriever", "latest_checkpoint", "load_checkpoint",
+           "init_distributed"]
 
 
 @dataclass
@@ -331,9 +351,19 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
             raise ValueError(f"layout.vocab_size {layout.vocab_size} != model vocab_size {model.config.vocab_size}")
     _check_examples(train_examples, model.config.vocab_size)
     cfg = config
+    dist, ws, rank = _dist_state()
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("TrainConfig.device is 'cuda' but CUDA is not available; use device='cpu'")
+    if dist is not None:
+        if cfg.batch_size < ws:
+            raise ValueError(f"TrainConfig.batch_size ({cfg.batch_size}) must be >= the world size ({ws}): "
+                             "every rank needs a non-empty shard of each global batch")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+        if (device.type == "cuda") != (dist.get_backend() == "nccl"):
+            raise ValueError(f"process group backend {dist.get_backend()!r} does not fit device {device}; use "
+                             "gloo with device='cpu' and nccl with device='cuda' (init_distributed picks it)")
     model.to(device)
     opt = _make_optimizer(model, cfg)
 
@@ -360,6 +390,16 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
             start = int(meta["step"])
             history = meta["history"]
             history["resumed_from"] = start
+    if dist is not None:
+        # every rank must resume from the same step (checkpoint_dir on a shared filesystem)
+        st = torch.tensor([start, -start], dtype=torch.long, device=device)
+        dist.all_reduce(st, op=dist.ReduceOp.MAX)
+        if int(st[0]) != start or int(-st[1]) != start:
+            raise ValueError(f"ranks found different checkpoints in {cfg.checkpoint_dir!r} (steps {int(-st[1])}.."
+                             f"{int(st[0])}); checkpoint_dir must be on a filesystem shared by all ranks")
+        # construction broadcasts rank 0's weights (and buffers; T5 has none): every rank starts equal
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            _ShardLoss(model), device_ids=[device.index] if device.type == "cuda" else None)
 
     n = len(train_examples)
     order = _Order(n, cfg.seed)
@@ -375,20 +415,26 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
     def run_eval(step):
         if eval_fn is None:
             return
-        model.eval()
-        with torch.no_grad():
-            res = eval_fn(model)
-        model.train()
-        if not isinstance(res, dict):
-            raise TypeError(f"eval_fn must return a dict of metrics, got {type(res).__name__}")
-        res = {k: float(v) for k, v in res.items()}
+        res = None
+        if rank == 0:
+            model.eval()
+            with torch.no_grad():
+                res = eval_fn(model)
+            model.train()
+            if not isinstance(res, dict):
+                raise TypeError(f"eval_fn must return a dict of metrics, got {type(res).__name__}")
+            res = {k: float(v) for k, v in res.items()}
+        if dist is not None:  # rank 0 evaluates; every rank keeps the same history / best model
+            box = [res]
+            dist.broadcast_object_list(box, src=0)
+            res = box[0]
         if cfg.best_metric not in res:
             raise ValueError(f"eval_fn returned {sorted(res)} but TrainConfig.best_metric is "
                              f"{cfg.best_metric!r}; set best_metric to one of them")
         history["evals"].append({"step": step, **res})
         if _better(res[cfg.best_metric], history["best_value"], cfg.best_mode):
             history["best_value"], history["best_step"] = res[cfg.best_metric], step
-            if cfg.checkpoint_dir is not None:
+            if cfg.checkpoint_dir is not None and rank == 0:
                 _save_best(cfg, model, layout)
             best_state[0] = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -398,7 +444,7 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
     stopped = "max_steps"
     cuda_devs = [device.index or 0] if device.type == "cuda" else []
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.max_steps, initial=start, desc="train", dynamic_ncols=True)
     run_loss = torch.zeros((), device=device)
@@ -408,20 +454,31 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
     try:
         with torch.random.fork_rng(devices=cuda_devs):
             while step < cfg.max_steps:
-                if cfg.time_budget_s is not None and time.monotonic() - t0 >= cfg.time_budget_s:
-                    stopped = "time_budget"
-                    break
-                torch.manual_seed(_seed_of(cfg.seed, "step", step))
+                if cfg.time_budget_s is not None:
+                    over = time.monotonic() - t0 >= cfg.time_budget_s
+                    if dist is not None:  # rank 0's clock decides, so all ranks stop at the same step
+                        flag = torch.tensor([int(over)], device=device)
+                        dist.broadcast(flag, src=0)
+                        over = bool(flag.item())
+                    if over:
+                        stopped = "time_budget"
+                        break
+                torch.manual_seed(_seed_of(cfg.seed, "step", step) if dist is None
+                                  else _seed_of(cfg.seed, f"step/rank{rank}/of{ws}", step))
                 lr = lr_at(step, cfg)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 idx = order.batch(step, cfg.batch_size).to(ex.input_ids.device)
-                ids, mask, labels = ex.batch(idx)
-                ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-                with autocast:
-                    loss = model.loss(ids, mask, labels, decoder_start)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if dist is None:
+                    ids, mask, labels = ex.batch(idx)
+                    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+                    with autocast:
+                        loss = model.loss(ids, mask, labels, decoder_start)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                else:
+                    opt.zero_grad(set_to_none=True)
+                    loss = _ddp_backward(ddp, ex, idx, ws, rank, device, decoder_start, autocast)
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
@@ -429,6 +486,8 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
                 run_loss += loss.detach()
                 run_n += 1
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    if dist is not None:
+                        dist.all_reduce(run_loss)  # the sum of the ranks' shares = the global mean
                     mean = float(run_loss) / run_n
                     if not math.isfinite(mean):
                         raise FloatingPointError(f"training loss became {mean} before step {step}; "
@@ -446,11 +505,16 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
                     last_eval = step
                 if cfg.checkpoint_dir is not None and step % cfg.checkpoint_every == 0:
                     history["final_step"] = step
-                    _save_checkpoint(cfg, model, opt, step, history)
+                    if rank == 0:
+                        _save_checkpoint(cfg, model, opt, step, history)
+                    if dist is not None:
+                        dist.barrier()
     finally:
         if bar is not None:
             bar.close()
     if run_n:
+        if dist is not None:
+            dist.all_reduce(run_loss)
         history["loss"].append([step, float(run_loss) / run_n])
         history["lr"].append([step, lr_at(max(step - 1, 0), cfg)])
     if stopped == "max_steps" and last_eval != step and step > start:
@@ -460,7 +524,10 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
     elapsed = time.monotonic() - t0
     history["steps_per_s"] = (step - start) / elapsed if elapsed > 0 else None
     if cfg.checkpoint_dir is not None and step > start:
-        _save_checkpoint(cfg, model, opt, step, history)
+        if rank == 0:
+            _save_checkpoint(cfg, model, opt, step, history)
+        if dist is not None:
+            dist.barrier()
     if best_state[0] is not None:
         model.load_state_dict(best_state[0])
     elif eval_fn is not None and history["best_step"] is not None and cfg.checkpoint_dir is not None:
@@ -476,6 +543,82 @@ def _load_best_into(model: T5, checkpoint_dir: str, layout) -> None:
     p = os.path.join(checkpoint_dir, "best", "model.safetensors")
     if os.path.isfile(p):
         model.load_state_dict(load_file(p, device=str(model.shared.weight.device)), strict=True)
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 1800) -> tuple[int, int, str]:
+    """Initialise ``torch.distributed`` from the environment ``torchrun`` sets (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT).  backend: None = "nccl" when CUDA is available, else
+    "gloo".  On CUDA, selects device ``cuda:LOCAL_RANK``.  Returns (rank, world_size, device) with
+    device "cpu" or "cuda:<local rank>" — pass it as ``TrainConfig.device`` (or "cuda").
+    A no-op returning (0, 1, "cpu"/"cuda") when WORLD_SIZE is unset or 1 and no group exists."""
+    import datetime
+
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    if backend is None:
+        backend = "nccl" if cuda else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"backend must be 'nccl', 'gloo' or None (auto), got {backend!r}")
+    if backend == "nccl" and not cuda:
+        raise ValueError("backend 'nccl' needs CUDA; use backend='gloo' on CPU")
+    if dist.is_available() and dist.is_initialized():
+        rank, ws = dist.get_rank(), dist.get_world_size()
+    elif int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, "cuda" if backend == "nccl" else "cpu"
+    else:
+        for k in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+            if k not in os.environ:
+                raise ValueError(f"WORLD_SIZE is set but {k} is not; launch with torchrun")
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        rank, ws = dist.get_rank(), dist.get_world_size()
+    if backend == "nccl":
+        local = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+        torch.cuda.set_device(local)
+        return rank, ws, f"cuda:{local}"
+    return rank, ws, "cpu"
+
+
+def _dist_state():
+    """(torch.distributed module, world size, rank) when a group of > 1 ranks is initialised, else (None, 1, 0)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist, dist.get_world_size(), dist.get_rank()
+    return None, 1, 0
+
+
+class _ShardLoss(torch.nn.Module):
+    """What DDP wraps: forward = the model's token-mean loss on this rank's shard times ``scale``
+    (DDP hooks ``forward``, not ``T5.loss``)."""
+
+    def __init__(self, model: T5):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, mask, labels, decoder_start: int, scale: float):
+        if scale == 0:  # no target token in this shard: a finite stand-in loss (a mean over no
+            labels = labels.clamp(min=0)  # token is NaN), times 0 -> zero gradients, DDP still syncs
+        return self.model.loss(ids, mask, labels, decoder_start) * scale
+
+
+def _ddp_backward(ddp, ex: Examples, idx: torch.Tensor, ws: int, rank: int, device, decoder_start: int,
+                  autocast=None) -> torch.Tensor:
+    """One data-parallel forward/backward of the global batch ``idx`` int64 (B,) (the same on every
+    rank): this rank takes the ``rank``-th of ``ws`` contiguous slices, its token-mean loss is
+    scaled by ``ws * tokens_rank / tokens_global`` so that DDP's gradient average (all-reduce /
+    ws) is the gradient of the global batch's token-mean loss.  Leaves the gradients in the
+    parameters; returns this rank's share of the global mean loss (float32 scalar, detached:
+    the sum over ranks is the global mean)."""
+    n_glob = int((ex.labels[idx] != -100).sum())  # every rank knows the whole batch: no communication
+    part = torch.tensor_split(idx, ws)[rank]
+    ids, mask, labels = ex.batch(part)
+    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+    w = int((labels != -100).sum()) / max(n_glob, 1)
+    with (autocast if autocast is not None else _NullCtx()):
+        local = ddp(ids, mask, labels, decoder_start, w * ws)
+    local.backward()  # DDP all-reduces (averages) the gradients over ranks here
+    return local.detach() / ws
 
 
 class _NullCtx:
