@@ -39,8 +39,8 @@ writes checkpoints and runs ``eval_fn`` (its metrics are broadcast, so every ran
 history and best model); ``checkpoint_dir`` must be on a filesystem shared by all ranks.
 Nondeterminism: the all-reduce sums the ranks' gradients in an order of its own and each rank's
 batch shard is padded to its own longest row (different GEMM shapes), so gradients equal the
-single-process ones only up to float32 rounding (measured ~1e-7 relative; tests/test_ddp.py), and a run is not
-bit-reproducible across world sizes; dropout masks are drawn per rank from seeds derived from
+single-process ones only up to float32 rounding (measured ~1e-7 relative; tests/test_ddp.py),
+and a run is not bit-reproducible across world sizes; dropout masks are drawn per rank from seeds derived from
 (seed, step, rank, world size), so with dropout > 0 a DDP run is a statistically equivalent, not an
 identical, run.  NCCL's all-reduce is additionally not bit-deterministic across runs.
 """
@@ -557,7 +557,10 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800) -> tup
 
     cuda = torch.cuda.is_available()
     if backend is None:
-        backend = "nccl" if cuda else "gloo"
+        if dist.is_available() and dist.is_initialized():
+            backend = dist.get_backend()  # an existing group decides
+        else:
+            backend = "nccl" if cuda else "gloo"
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"backend must be 'nccl', 'gloo' or None (auto), got {backend!r}")
     if backend == "nccl" and not cuda:
