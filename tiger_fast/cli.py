@@ -61,13 +61,9 @@ def _load_model(path, id_table):
 
 
 def cmd_demo(a):
-    from .pipeline import PipelineConfig, run_demo
+    from .pipeline import demo_config, run_demo
 
-    cfg = None
-    if a.time_budget is not None:
-        cfg = PipelineConfig(rq_epochs=50, t5={"num_encoder_layers": 2, "num_decoder_layers": 2},
-                             steps=100_000, time_budget_s=a.time_budget, warmup_steps=300, lr=0.005,
-                             eval_every=100_000, eval_users=0)
+    cfg = demo_config(a.time_budget)
     rep = run_demo(a.out, num_items=a.items, num_users=a.users, cfg=cfg, progress=not a.quiet)
     return 0 if rep.get("beats_popularity") else 1
 
@@ -118,6 +114,18 @@ def cmd_train_rqvae(a):
 
 
 def cmd_assign_ids(a):
+    if a.ray or a.ray_address:
+        from .distributed import assign_ids_ray
+
+        for flag, val in (("--item-ids", a.item_ids), ("--work-dir", a.work_dir), ("--restart", a.restart)):
+            if val:
+                raise CliError(f"{flag} does not apply with --ray (Parquet input; Ray re-runs failed work itself)")
+        rep = assign_ids_ray(a.rqvae, a.embeddings, a.out, ray_address=a.ray_address, num_workers=a.ray_workers,
+                             use_gpu={"auto": None, "yes": True, "no": False}[a.ray_gpu], batch_rows=a.chunk_size,
+                             backend=a.backend, embedding_column=a.embedding_column, id_column=a.id_column,
+                             progress=not a.quiet)
+        _print_json(rep)
+        return
     from .assign import assign_ids
 
     rep = assign_ids(a.rqvae, a.embeddings, a.out, ids=a.item_ids, chunk_size=a.chunk_size,
@@ -143,7 +151,11 @@ def cmd_train(a):
     from .data import load_dataset
     from .pipeline import PipelineConfig, train_tiger
     from .t5 import save_t5
+    from .train import init_distributed
 
+    # Under torchrun (WORLD_SIZE > 1) this joins the process group (gloo on CPU, NCCL on GPU) and
+    # train_retriever shards every global batch across ranks; otherwise it is a no-op.
+    rank, _, device = init_distributed()
     ds = load_dataset(a.data)
     table = _load_ids(a.ids)
     t5 = {}
@@ -151,10 +163,12 @@ def cmd_train(a):
         t5 = {"num_encoder_layers": a.layers, "num_decoder_layers": a.layers}
     cfg = PipelineConfig(seed=a.seed, t5=t5, steps=a.steps, time_budget_s=a.time_budget,
                          batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup, eval_every=a.eval_every,
-                         eval_users=a.eval_users, backend=a.backend)
+                         eval_users=a.eval_users, backend=a.backend, device=device)
     model, hist = train_tiger(ds, table, cfg, checkpoint_dir=os.path.join(a.out, "checkpoints"),
-                              progress=not a.quiet)
-    save_t5(model, table.layout, os.path.join(a.out, "model"))
+                              progress=not a.quiet and rank == 0)
+    if rank != 0:
+        return
+    save_t5(model.cpu(), table.layout, os.path.join(a.out, "model"))
     print(json.dumps({k: hist.get(k) for k in ("final_step", "stopped", "best_step", "best_value", "steps_per_s")}))
     print(f"wrote {os.path.join(a.out, 'model')}")
 
@@ -241,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="directory to save the artefacts (rqvae, ids, retriever, report)")
     sp.add_argument("--items", type=int, default=2000)
     sp.add_argument("--users", type=int, default=3000)
-    sp.add_argument("--time-budget", type=float, default=None, help="retriever training seconds (default 120)")
+    sp.add_argument("--time-budget", type=float, default=100.0, help="retriever training seconds (default 100)")
 
     sp = add("embed", cmd_embed, "embed item text with a sentence encoder -> .npy (+ .ids.npy)")
     sp.add_argument("--data", required=True, help="dataset SPEC")
@@ -271,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--work-dir", default=None, help="intermediate files (default OUT.work); a rerun resumes from it")
     sp.add_argument("--restart", action="store_true", help="discard a previous run's work dir")
     sp.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "triton"])
+    sp.add_argument("--ray", action="store_true", help="run on Ray Data (pip install 'tiger_fast[ray]'); Parquet input")
+    sp.add_argument("--ray-address", default=None, help="Ray cluster address (e.g. auto, ray://head:10001); implies --ray")
+    sp.add_argument("--ray-workers", type=int, default=None, help="map actors (default: one per CPU/GPU)")
+    sp.add_argument("--ray-gpu", default="auto", choices=["auto", "yes", "no"], help="GPU actors (auto: if the cluster has GPUs)")
 
     sp = add("id-report", cmd_id_report, "collisions, max collision depth, usage per level (+ semantic check with --data)")
     sp.add_argument("--ids", required=True)

@@ -26,7 +26,8 @@ class PipelineConfig:
     see RQVAETrainConfig.paper()); t5: overrides of the paper's T5 config
     (e.g. ``{"num_encoder_layers": 2}``); steps / time_budget_s: retriever training length;
     warmup_steps: constant-lr phase before inverse-sqrt decay (paper: 10k of 200k steps);
-    eval_users: users sampled for validation during training (0 = no validation)."""
+    eval_users: users sampled for validation during training (0 = no validation);
+    device: where the retriever trains ("cpu", "cuda", "cuda:1")."""
     seed: int = 0
     rq_epochs: int = 50
     rq_lr: float = 1e-3
@@ -39,6 +40,7 @@ class PipelineConfig:
     eval_every: int = 500
     eval_users: int = 500
     backend: str = "auto"
+    device: str = "cpu"
     embed_model: str | None = None
     cache_dir: str | None = None
 
@@ -77,8 +79,7 @@ def train_tiger(dataset, id_table, cfg: PipelineConfig, *, checkpoint_dir: str |
     from .train import TrainConfig, train_retriever
 
     layout = id_table.layout
-    torch.manual_seed(cfg.seed)  # the T5 init draws from torch's default generator
-    model = T5(paper_config(layout, **cfg.t5))
+    model = T5(paper_config(layout, **cfg.t5), seed=cfg.seed)
     splits = leave_one_out(dataset)
     examples = tokenize_split(splits.train, dataset, layout, id_table)
     eval_fn = None
@@ -90,7 +91,7 @@ def train_tiger(dataset, id_table, cfg: PipelineConfig, *, checkpoint_dir: str |
     tcfg = TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                        max_steps=cfg.steps, seed=cfg.seed, eval_every=cfg.eval_every,
                        time_budget_s=cfg.time_budget_s, checkpoint_dir=checkpoint_dir,
-                       checkpoint_every=max(cfg.eval_every, 100))
+                       checkpoint_every=max(cfg.eval_every, 100), device=cfg.device)
     history = train_retriever(model, examples, config=tcfg, eval_fn=eval_fn, progress=progress, layout=layout)
     model.eval()
     return model, history
@@ -125,20 +126,27 @@ def _jsonable(x):
     return str(x)
 
 
+def demo_config(time_budget_s: float = 100.0) -> PipelineConfig:
+    """The demo's schedule: a small T5 (d_model 64, 2+2 layers, batch 64) trained for a fixed wall
+    time, so the whole demo fits in a few minutes on 2 CPU cores (the paper-size model needs
+    ~3 s per batch-256 step there)."""
+    return PipelineConfig(rq_epochs=50, t5={"d_model": 64, "num_heads": 4, "d_kv": 16, "d_ff": 256,
+                                            "num_encoder_layers": 2, "num_decoder_layers": 2},
+                          steps=1_000_000, time_budget_s=time_budget_s, batch_size=64, warmup_steps=200,
+                          lr=0.003, eval_every=1_000_000, eval_users=0)
+
+
 def run_demo(out_dir: str | None = None, *, num_items: int = 2000, num_users: int = 3000,
              cfg: PipelineConfig | None = None, progress: bool = True, echo=print) -> dict:
     """The whole pipeline on the embedded synthetic catalogue; prints a short report and returns it.
 
-    Sized to finish in a few minutes on 2 CPU cores: a 2+2-layer retriever (the paper's width)
-    trained for a fixed time budget."""
+    Sized to finish in a few minutes on 2 CPU cores (see :func:`demo_config`)."""
     from .data import synthetic_dataset
     from .evaluate import entropy_vs_temperature, evaluate_popularity, evaluate_retriever
     from .generate import generate
     from .ids import semantic_id_report
 
-    cfg = cfg or PipelineConfig(rq_epochs=50, t5={"num_encoder_layers": 2, "num_decoder_layers": 2},
-                                steps=100_000, time_budget_s=120, warmup_steps=300, lr=0.005,
-                                eval_every=100_000, eval_users=0)
+    cfg = cfg or demo_config()
     t_start = time.perf_counter()
     report: dict = {"config": asdict(cfg)}
 
