@@ -9,13 +9,6 @@ from tiger_fast.ids import IdTable
 from tiger_fast.layout import TokenLayout
 from tiger_fast.rqvae import RQVAE, RQVAEConfig, save_rqvae
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: extra intra-op threads only add overhead (and thrash on a loaded CI machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 CFG = RQVAEConfig(input_dim=12, hidden_dims=(16,), latent_dim=4, codebook_sizes=(5, 3, 2))

@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from tiger_fast.cli import build_parser, main
 
@@ -12,12 +11,6 @@ COMMANDS = ["demo", "embed", "train-rqvae", "assign-ids", "id-report", "train", 
             "batch-recall"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

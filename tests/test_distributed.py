@@ -35,12 +35,6 @@ LAYOUT = TokenLayout(codebook_sizes=(64, 64, 64), collision_size=1024)
 BLOCK = 4096
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _write(path, x, ids, row_group):

@@ -31,13 +31,6 @@ def cpu_ext_available():
     return backend_status()["cpu"] == ""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intraop_thread():
-    """Small tensors: OpenMP threads only add contention (20x slower on a loaded 2-core runner)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 STEP_BACKENDS = ["reference"] + (["cpu"] if cpu_ext_available() else [])

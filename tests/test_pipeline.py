@@ -2,24 +2,16 @@
 import json
 import os
 
-import torch
-
 from tiger_fast.pipeline import PipelineConfig, run_demo
 
 
 def test_demo_pipeline_tiny(tmp_path):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cfg = PipelineConfig(rq_epochs=10, t5={"d_model": 32, "num_heads": 2, "d_kv": 16, "d_ff": 64,
-                                               "num_encoder_layers": 1, "num_decoder_layers": 1},
-                             steps=20, batch_size=32, warmup_steps=5, lr=0.003, eval_every=10, eval_users=20,
-                             backend="reference")
-        lines = []
-        rep = run_demo(str(tmp_path / "out"), num_items=240, num_users=130, cfg=cfg, progress=False,
-                       echo=lines.append)
-    finally:
-        torch.set_num_threads(n)
+    cfg = PipelineConfig(rq_epochs=10, t5={"d_model": 32, "num_heads": 2, "d_kv": 16, "d_ff": 64,
+                                           "num_encoder_layers": 1, "num_decoder_layers": 1},
+                         steps=20, batch_size=32, warmup_steps=5, lr=0.003, eval_every=10, eval_users=20,
+                         backend="reference")
+    lines = []
+    rep = run_demo(str(tmp_path / "out"), num_items=240, num_users=130, cfg=cfg, progress=False, echo=lines.append)
     assert rep["semantic_ids"]["num_items"] == 240
     assert rep["training"]["final_step"] == 20
     for who in ("tiger", "popularity"):

@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 redis = pytest.importorskip("redis", reason="the redis client package is not installed")
 

@@ -7,13 +7,6 @@ import torch
 
 from tiger_fast.rqvae import RQVAE, RQVAEConfig, RQVAETrainConfig, kmeans, load_rqvae, save_rqvae, train_rqvae
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: extra intra-op threads only add overhead (and thrash on a loaded CI machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 TINY = RQVAEConfig(input_dim=23, hidden_dims=(32, 16), latent_dim=8, codebook_sizes=(13, 7, 5))

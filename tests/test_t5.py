@@ -313,11 +313,3 @@ def test_bad_inputs():
     assert isinstance(cache, T5Cache)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation overhead (large on a shared CI
-    machine); run single-threaded and restore the caller's setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -186,11 +186,3 @@ def test_bad_calls(tmp_path):
                         ex, config=_cfg(max_steps=6, checkpoint_dir=str(tmp_path)), progress=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: intra-op threads only add synchronisation overhead (large on a
-    shared CI machine), so run single-threaded and restore the caller's setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

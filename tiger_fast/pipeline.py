@@ -82,17 +82,18 @@ def train_tiger(dataset, id_table, cfg: PipelineConfig, *, checkpoint_dir: str |
     model = T5(paper_config(layout, **cfg.t5), seed=cfg.seed)
     splits = leave_one_out(dataset)
     examples = tokenize_split(splits.train, dataset, layout, id_table)
-    eval_fn = None
-    if cfg.eval_users:
-        def eval_fn(m):
-            r = evaluate_retriever(m, dataset, id_table, split="valid", k=10, max_users=cfg.eval_users,
-                                   seed=cfg.seed, backend=cfg.backend)
-            return {k: v for k, v in r.items() if isinstance(v, float)}
+
+    def eval_fn(m):  # validation Recall/NDCG on a seeded sample of users
+        r = evaluate_retriever(m, dataset, id_table, split="valid", k=10, max_users=cfg.eval_users,
+                               seed=cfg.seed, backend=cfg.backend)
+        return {k: v for k, v in r.items() if isinstance(v, float)}
+
     tcfg = TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                        max_steps=cfg.steps, seed=cfg.seed, eval_every=cfg.eval_every,
                        time_budget_s=cfg.time_budget_s, checkpoint_dir=checkpoint_dir,
                        checkpoint_every=max(cfg.eval_every, 100), device=cfg.device)
-    history = train_retriever(model, examples, config=tcfg, eval_fn=eval_fn, progress=progress, layout=layout)
+    history = train_retriever(model, examples, config=tcfg, eval_fn=eval_fn if cfg.eval_users else None,
+                              progress=progress, layout=layout)
     model.eval()
     return model, history
 
