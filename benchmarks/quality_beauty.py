@@ -48,6 +48,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/tiger_fast/embeddings"))
     p.add_argument("--checkpoint-dir", default=None, help="resumable training checkpoints (default: none)")
+    p.add_argument("--model", default="paper", choices=["paper", "small"],
+                   help="paper: 4+4 layers, d_model 128 (TIGER); small: 2+2 layers, d_model 64, d_ff 256 (CPU budgets)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", required=True)
     a = p.parse_args(argv)
@@ -97,7 +99,9 @@ def main(argv=None):
     say(f"semantic IDs: {json.dumps(out['semantic_ids'], default=str)[:400]}")
     save()
 
-    cfg = PipelineConfig(seed=a.seed, steps=a.steps, time_budget_s=a.budget_min * 60, batch_size=a.batch_size,
+    t5 = {} if a.model == "paper" else {"d_model": 64, "num_heads": 4, "d_kv": 16, "d_ff": 256,
+                                        "num_encoder_layers": 2, "num_decoder_layers": 2}
+    cfg = PipelineConfig(seed=a.seed, t5=t5, steps=a.steps, time_budget_s=a.budget_min * 60, batch_size=a.batch_size,
                          lr=a.lr, warmup_steps=a.warmup, eval_every=max(a.steps, 1), eval_users=0)
     t = time.perf_counter()
     model, hist = train_tiger(ds, table, cfg, checkpoint_dir=a.checkpoint_dir, progress=False)
