@@ -275,6 +275,20 @@ class _Plan:
 # ---------------------------------------------------------------------------------------------
 # main entry point
 # ---------------------------------------------------------------------------------------------
+def layout_for_model(model: RQVAE, layout: TokenLayout | None = None) -> TokenLayout:
+    """The TokenLayout to write IDs with: the given one (its codebook sizes must be the model's) or,
+    when None, the default layout with the model's codebook sizes."""
+    cfg = model.cfg
+    if layout is None:
+        return TokenLayout(codebook_sizes=cfg.codebook_sizes)
+    if not isinstance(layout, TokenLayout):
+        raise TypeError(f"layout must be a TokenLayout, got {type(layout).__name__}")
+    if tuple(layout.codebook_sizes) != tuple(cfg.codebook_sizes):
+        raise ValueError(f"layout.codebook_sizes {layout.codebook_sizes} != the model's codebook sizes "
+                         f"{cfg.codebook_sizes}; build the layout from the model")
+    return layout
+
+
 def assign_ids(model, source, output, *, layout: TokenLayout | None = None, ids=None,
                embedding_column: str = "embedding", id_column: str | None = "item_id",
                chunk_size: int = 65536, encode_block: int = ENCODE_BLOCK, partition_rows: int = 4_000_000,
@@ -311,13 +325,7 @@ def assign_ids(model, source, output, *, layout: TokenLayout | None = None, ids=
         raise ValueError(f"device={device!r} but the model is on {next(model.parameters()).device}; move the "
                          "model (model.to(device)) or leave device=None")
     cfg = model.cfg
-    if layout is None:
-        layout = TokenLayout(codebook_sizes=cfg.codebook_sizes)
-    if not isinstance(layout, TokenLayout):
-        raise TypeError(f"layout must be a TokenLayout, got {type(layout).__name__}")
-    if tuple(layout.codebook_sizes) != tuple(cfg.codebook_sizes):
-        raise ValueError(f"layout.codebook_sizes {layout.codebook_sizes} != the model's codebook sizes "
-                         f"{cfg.codebook_sizes}; build the layout from the model")
+    layout = layout_for_model(model, layout)
     chunk_size, encode_block = int(chunk_size), int(encode_block)
     if encode_block < 1 or chunk_size < encode_block or chunk_size % encode_block:
         raise ValueError(f"chunk_size ({chunk_size}) must be a positive multiple of encode_block "

@@ -67,7 +67,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .assign import EmbeddingSource, _ParquetSource, _file_fingerprint
+from .assign import EmbeddingSource, _ParquetSource, _file_fingerprint, layout_for_model
 from .ids import _FORMAT as _IDS_FORMAT
 from .layout import TokenLayout
 from .rqvae import (ENCODE_BLOCK, RQVAE, RQVAEConfig, RQVAETrainConfig, _check_embeddings, _final_stats,
@@ -338,13 +338,7 @@ def assign_ids_ray(model_or_path, source, output, *, layout: TokenLayout | None 
     else:
         model = load_rqvae(model_or_path)
     cfg = model.cfg
-    if layout is None:
-        layout = TokenLayout(codebook_sizes=cfg.codebook_sizes)
-    if not isinstance(layout, TokenLayout):
-        raise TypeError(f"layout must be a TokenLayout, got {type(layout).__name__}")
-    if tuple(layout.codebook_sizes) != tuple(cfg.codebook_sizes):
-        raise ValueError(f"layout.codebook_sizes {layout.codebook_sizes} != the model's codebook sizes "
-                         f"{cfg.codebook_sizes}; build the layout from the model")
+    layout = layout_for_model(model, layout)
     batch_rows, encode_block = int(batch_rows), int(encode_block)
     if encode_block < 1 or batch_rows < encode_block or batch_rows % encode_block:
         raise ValueError(f"batch_rows ({batch_rows}) must be a positive multiple of encode_block "
