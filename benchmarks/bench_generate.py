@@ -12,7 +12,11 @@ histories of 20 items), beam 20, k 10, batch 1 and 256, temperature None and per
 tiger_fast.generate with backend "cpu" and "reference", and HF generate(prefix_allowed_tokens_fn=...)
 on T5.to_hf() with the same weights (beam search only: HF's sampling is a different algorithm).
 Reports latency p50/p99, requests/s, the share of time outside the model forward and in the
-selection step, and how many top-k lists differ from HF's (IDs and order).
+selection step, and how many top-k lists differ from HF's (IDs and order).  The compute floor: the
+forward's FLOPs (forward_flops) at the sgemm rate measured in the same run (sgemm_gflops) give the
+fastest any exact float32 implementation of this model could run here, and so the largest
+speed-up over HF that exactness allows (max_speedup_vs_hf_at_floor).  glibc malloc is set to keep
+freed memory (tiger_fast.cpu_memory) for all contenders unless --no-retain-memory.
 
     python benchmarks/bench_generate.py --json results/bench_generate.json
     python benchmarks/bench_generate.py --quick          # a smoke run (fewer repetitions)
@@ -191,6 +195,39 @@ def _prefix_table(trie: Trie, layout: TokenLayout) -> dict:
     return {k: sorted(v) for k, v in table.items()}
 
 
+# ---- the compute floor -------------------------------------------------------------------------------
+def forward_flops(cfg, rows: int, enc_len: int, beams: int, levels: int, eos: bool = True) -> float:
+    """Floating-point operations (2 per multiply-add) of one generate call's model forward: the
+    encoder on rows x enc_len tokens, the cross-attention K/V, one decoder step on ``rows`` (the
+    start token) and ``levels`` (with eos; else levels - 1) steps on rows x beams, each with the
+    full-vocabulary head.  Matmuls and attention products only (norms, softmax: O(d) per token)."""
+    d, inner, dff, V = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff, cfg.vocab_size
+    enc_tok = cfg.num_encoder_layers * (4 * d * inner + 2 * d * dff + 2 * enc_len * inner)
+    cross_kv = cfg.num_decoder_layers * 2 * d * inner
+
+    def dec_tok(t):  # one decoder token at position t
+        return cfg.num_decoder_layers * (6 * d * inner + 2 * (t + 1) * inner + 2 * enc_len * inner
+                                         + 2 * d * dff) + d * V
+    steps = levels if eos else levels - 1
+    macs = rows * enc_len * (enc_tok + cross_kv) + rows * dec_tok(0)
+    macs += sum(rows * beams * dec_tok(t) for t in range(1, steps + 1))
+    return 2.0 * macs
+
+
+def sgemm_gflops(threads: int, reps: int = 5) -> float:
+    """Measured float32 matmul throughput on the decoder's FFN shape (5120 x 128 x 1024), the best
+    case for these layer sizes."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(5120, 128), torch.randn(128, 1024)
+    a @ b
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 5120 * 128 * 1024 / best / 1e9
+
+
 # ---- end to end --------------------------------------------------------------------------------------
 class _Timer:
     """Wraps a callable and accumulates its wall time (seconds)."""
@@ -207,9 +244,10 @@ class _Timer:
 
 
 def _instrument(model):
-    """Time the model's forward parts (encode, decode_step, reorder_cache, init_cache) in place."""
+    """Time the model's forward parts (encode, init_cache, decode_step, select_beams,
+    reorder_cache) in place."""
     timers = {}
-    for name in ("encode", "init_cache", "decode_step", "reorder_cache"):
+    for name in ("encode", "init_cache", "decode_step", "select_beams", "reorder_cache"):
         t = _Timer(getattr(model, name))
         setattr(model, name, t)
         timers[name] = t
@@ -286,6 +324,8 @@ def end_to_end(args, layout, table, trie) -> dict:
     item_ids = table.item_ids.numpy()
     results = {"threads": args.threads, "num_beams": args.beams, "k": args.k,
                "model_parameters": int(model.num_parameters()), "runs": []}
+    gf = sgemm_gflops(args.threads)
+    results["sgemm_gflops"] = gf
     hf = None
     if not args.no_hf:
         hf = model.to_hf().eval()
@@ -323,6 +363,11 @@ def end_to_end(args, layout, table, trie) -> dict:
                                         "item_ids": res.item_ids}
             same = torch.equal(per_backend["cpu"]["item_ids"], per_backend["reference"]["item_ids"])
             run = {"batch": batch, "temperature": tname, "cpu_equals_reference_ids": bool(same)}
+            # The floor: this batch's forward FLOPs at the measured best-case sgemm rate.
+            fl = forward_flops(model.config, batch, 1 + layout.num_levels * 20, args.beams, layout.num_levels)
+            run["forward_gflop"] = fl / 1e9
+            run["forward_floor_ms"] = 1e3 * fl / (gf * 1e9)
+            run["requests_per_s_at_floor"] = batch / (fl / (gf * 1e9))
             if hf is not None and T is None:
                 ids, mask = _encoder_inputs(layout, table, hist, users, 20, torch.device("cpu"))
                 lat = []
@@ -340,6 +385,8 @@ def end_to_end(args, layout, table, trie) -> dict:
                 run["hf_invalid_ids"] = int((rows < 0).sum())
                 run["speedup_cpu_vs_hf_requests_per_s"] = (per_backend["cpu"]["requests_per_s"]
                                                            / per_backend["hf_generate"]["requests_per_s"])
+                run["max_speedup_vs_hf_at_floor"] = (run["requests_per_s_at_floor"]
+                                                     / per_backend["hf_generate"]["requests_per_s"])
             for b in per_backend.values():
                 b.pop("item_ids", None)
             run["backends"] = per_backend
@@ -360,7 +407,14 @@ def main(argv=None):
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     p.add_argument("--skip-e2e", action="store_true", help="selection-alone benchmark only")
     p.add_argument("--skip-selection", action="store_true")
+    p.add_argument("--no-retain-memory", action="store_true",
+                   help="leave glibc malloc as it is (default: tiger_fast.cpu_memory.retain_freed_memory(), "
+                        "for every contender alike)")
     args = p.parse_args(argv)
+    retained = False
+    if not args.no_retain_memory:
+        from tiger_fast.cpu_memory import retain_freed_memory
+        retained = retain_freed_memory()
     args.reps_small = 5 if args.quick else 30
     args.reps_large = 1 if args.quick else 5
 
@@ -368,7 +422,8 @@ def main(argv=None):
     out = {"benchmark": "generate", "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                                 "torch": torch.__version__,
                                                 "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-                                                "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")},
+                                                "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+                                                "malloc_retains_freed_memory": retained},
            "catalogue": {"items": len(table), "trie_nodes": trie.num_nodes()}}
     if not args.skip_selection:
         out["selection_alone"] = selection_alone(trie, layout, reps=5 if args.quick else 20)

@@ -11,7 +11,7 @@ On a CUDA device:
      0.033 ms/step (arXiv 2602.22647).
   3. end to end: the whole decode of the paper-size T5 (random weights; encoder + 5 decoder steps +
      4 selections + eos re-rank, batch 256, beam 20) eager and captured in one CUDA graph (when the
-     model's decode_step / reorder_cache make no host synchronisation; otherwise the capture error
+     model's decode_step / select_beams make no host synchronisation; otherwise the capture error
      is reported and the eager number kept); then tiger_fast.generate(backend="cuda" and "cpu"),
      batch 256 and 1, beam 20, temperature None / per-level: latency p50/p99, requests/s.
 
@@ -249,7 +249,7 @@ def end_to_end(layout, table, trie, device, batches, reps) -> dict:
 
 def whole_decode_graph(layout, table, trie, device, ext, steps, R=256, B=20, reps=20) -> dict:
     """Encoder + 5 decoder steps + 4 selections + eos re-rank of the paper-size T5, eager and (if
-    the model's decode_step / reorder_cache make no host synchronisation) as one CUDA graph."""
+    the model's decode_step / select_beams make no host synchronisation) as one CUDA graph."""
     from tiger_fast.t5 import T5, paper_config
 
     model = T5(paper_config(layout), seed=0).to(device).eval()
@@ -260,7 +260,6 @@ def whole_decode_graph(layout, table, trie, device, ext, steps, R=256, B=20, rep
     from tiger_fast.generate import _encoder_inputs
     ids, mask = _encoder_inputs(layout, table, list(hist), list(range(R)), 20, device)
     outs = [steps.outs(R, B) for _ in range(L)]
-    ar = torch.arange(R, device=device).unsqueeze(1)
 
     def decode():
         enc = model.encode(ids, mask)
@@ -273,8 +272,7 @@ def whole_decode_graph(layout, table, trie, device, ext, steps, R=256, B=20, rep
             off, S = layout.level_offset(l), layout.level_sizes[l]
             lp = torch.log_softmax(logits.float(), -1)[..., off:off + S].contiguous()
             parent, tok, sc, nd = steps.beam(lp, sc, nd, tables[l], B, out=outs[l])
-            idx = (ar * logits.shape[1] + parent.clamp(min=0)).reshape(-1)
-            cache = model.reorder_cache(cache, idx)
+            cache = model.select_beams(cache, parent, reuse=True)  # no host sync on CUDA
             tok_in = torch.where(parent >= 0, tok + off, torch.full_like(tok, layout.pad_id))
             logits = model.decode_step(tok_in.reshape(-1), cache).view(R, B, V)
         final = sc + torch.log_softmax(logits.float(), -1)[..., layout.eos_id]

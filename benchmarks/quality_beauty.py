@@ -52,7 +52,10 @@ def main(argv=None):
                    help="paper: 4+4 layers, d_model 128 (TIGER); small: 2+2 layers, d_model 64, d_ff 256 (CPU budgets)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", required=True)
+    p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="torch threads")
+    p.add_argument("--save-model", default=None, help="also save the trained retriever here (save_t5)")
     a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
 
     from tiger_fast.coldstart import assign_cold_ids, evaluate_cold_start, split_cold_items
     from tiger_fast.data import default_data_dir, load_beauty
@@ -122,7 +125,13 @@ def main(argv=None):
     say(f"TIGER {out['tiger']}\npopularity {out['popularity']}")
     save()
 
-    rows = entropy_vs_temperature(model, full, table, temperatures=(None, 1.0, 1.5, 2.0, (2.0, 2.0, 0.5, 0.5)),
+    if a.save_model:
+        from tiger_fast.t5 import save_t5
+        save_t5(model, layout, a.save_model)
+    # uniform temperatures and per-level ones (high on c0/c1 for category diversity, low on c2/c3
+    # to keep the item choice inside a prefix precise)
+    temps = (None, 1.0, 1.5, 2.0, 3.0, (2.0, 2.0, 0.5, 0.5), (3.0, 3.0, 0.5, 0.5), (2.0, 2.0, 1.0, 1.0))
+    rows = entropy_vs_temperature(model, full, table, temperatures=temps,
                                   max_users=a.aux_users, seed=a.seed)
     out["entropy_vs_temperature"] = rows
     say(f"entropy vs temperature: {rows}")
@@ -141,5 +150,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     main()

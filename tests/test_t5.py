@@ -181,6 +181,58 @@ def test_reorder_cache_select_and_expand():
         torch.testing.assert_close(steps[j], full[:, 2 + j], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("ci,R,B", [(0, 1, 1), (0, 3, 7), (1, 5, 2), (2, 2, 13)])
+def test_select_beams_equals_forward_on_expanded_rows(ci, R, B):
+    """Beam moves with the shared (per-request) cross K/V give the logits of a full forward on
+    the expanded rows, for several rounds of select_beams with reuse (spare buffers) and absent
+    beams (-1), and a second request-grouped round with a different beam count."""
+    cfg = T5Config(dropout=0.0, **CONFIGS[ci])
+    m = T5(cfg, seed=7).eval()
+    ids, mask, _ = _inputs(cfg.vocab_size, R, 11, 1, seed=30 + ci)
+    g = torch.Generator().manual_seed(ci)
+    with torch.no_grad():
+        cache = m.init_cache(m.encode(ids, mask), mask, max_length=2)  # forces buffer growth too
+        start = torch.zeros(R, dtype=torch.long)
+        m.decode_step(start, cache)
+        rows = torch.arange(R).unsqueeze(1)                 # (R, 1) encoder row of each beam
+        prefix = torch.zeros(R, 1, 1, dtype=torch.long)     # (R, beams, t) decoder inputs so far
+        for step, nb in enumerate((B, B, max(1, B - 1))):
+            parent = torch.randint(0, prefix.shape[1], (R, nb), generator=g)
+            parent[0, -1] = -1 if nb > 1 else parent[0, -1]  # absent beam: continues beam 0
+            cache = m.select_beams(cache, parent, reuse=True)
+            assert cache.group == nb and cache.batch_size == R * nb and cache.num_requests == R
+            prefix = torch.gather(prefix, 1, parent.clamp(min=0).unsqueeze(-1).expand(R, nb, prefix.shape[2]))
+            tok = torch.randint(0, cfg.vocab_size, (R, nb), generator=g)
+            got = m.decode_step(tok.reshape(-1), cache).view(R, nb, -1)
+            prefix = torch.cat([prefix, tok.unsqueeze(-1)], 2)
+            flat_rows = rows.expand(R, nb).reshape(-1)
+            full = m(ids[flat_rows], mask[flat_rows], prefix.reshape(R * nb, -1))[:, -1].view(R, nb, -1)
+            # tolerance: the cached path attends a request's beams as one query block (other kernel shapes)
+            torch.testing.assert_close(got, full, atol=ATOL, rtol=0)
+
+
+def test_select_beams_bad_input_and_input_untouched():
+    cfg = T5Config(dropout=0.0, **CONFIGS[0])
+    m = T5(cfg, seed=8).eval()
+    ids, mask, _ = _inputs(cfg.vocab_size, 2, 5, 1, seed=3)
+    with torch.no_grad():
+        cache = m.init_cache(m.encode(ids, mask), mask)
+        m.decode_step(torch.zeros(2, dtype=torch.long), cache)
+        before = cache.self_kv.clone()
+        new = m.select_beams(cache, torch.zeros(2, 3, dtype=torch.long))
+        assert torch.equal(cache.self_kv, before) and new.self_kv.data_ptr() != cache.self_kv.data_ptr()
+        with pytest.raises(ValueError, match="parent values"):
+            m.select_beams(cache, torch.tensor([[0], [1]]))       # group is 1: only beam 0 exists
+        with pytest.raises(ValueError, match="parent values"):
+            m.select_beams(cache, torch.tensor([[-2], [0]]))
+        with pytest.raises(ValueError, match="parent must be int64"):
+            m.select_beams(cache, torch.zeros(3, 1, dtype=torch.long))  # 3 rows, 2 requests
+        with pytest.raises(ValueError, match="parent must be int64"):
+            m.select_beams(cache, torch.zeros(2, 1, dtype=torch.int32))
+        with pytest.raises(TypeError, match="T5Cache"):
+            m.select_beams("cache", torch.zeros(2, 1, dtype=torch.long))
+
+
 def test_bf16_autocast_masks_stay_finite():
     """Under bf16 autocast the padding / causal mask value is bf16's finfo.min (fp32's would round
     to -inf); logits stay finite and close to fp32 (tolerance: bf16 has 8 mantissa bits)."""

@@ -217,7 +217,10 @@ def cmd_recommend(a):
 
 def cmd_batch_recall(a):
     from .data import load_dataset
+    from .cpu_memory import retain_freed_memory
     from .recall_export import batch_recall, load_to_redis
+
+    retain_freed_memory()  # a long batch job: keep freed buffers instead of page-faulting them back in
 
     ds = load_dataset(a.data)
     table = _load_ids(a.ids)

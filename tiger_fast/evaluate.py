@@ -361,29 +361,11 @@ def encoder_batch(layout, id_table, histories, user_ids, max_history: int = 20):
     return ids, mask
 
 
-class _T5Stepper:
-    """tiger_fast.t5.T5 (encode / init_cache / decode_step / reorder_cache): one decoder step for
-    R rows x B beams.  ``__call__(parent (R, B) | None, tokens (R, B)) -> logits (R, B, V)``; parent =
-    the beam of the previous step each new beam extends (None on the first call)."""
-
-    def __init__(self, model, input_ids, mask, num_levels):
-        self.model = model
-        self.cache = model.init_cache(model.encode(input_ids, mask), mask)
-        self.R = input_ids.shape[0]
-        self.cur_b = 1  # beams per row held by the cache
-
-    def __call__(self, parent, tokens):
-        R, B = tokens.shape
-        if parent is not None:
-            idx = (torch.arange(R, device=parent.device)[:, None] * self.cur_b + parent).reshape(-1)
-            self.cache = self.model.reorder_cache(self.cache, idx)
-        self.cur_b = B
-        return self.model.decode_step(tokens.reshape(-1), self.cache).reshape(R, B, -1)
-
-
 def _make_stepper(model, input_ids, mask, num_levels):
     if all(callable(getattr(model, n, None)) for n in ("encode", "init_cache", "decode_step", "reorder_cache")):
-        return _T5Stepper(model, input_ids, mask, num_levels)
+        from .generate import _OursStepper  # the same adapter tiger_fast.generate uses
+
+        return _OursStepper(model, input_ids, mask, num_levels)
     if hasattr(model, "get_encoder") and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         from .generate import _HFStepper  # HF T5ForConditionalGeneration adapter of tiger_fast.generate
 

@@ -212,35 +212,33 @@ def _model_device(model) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _has_fields(obj, names) -> bool:
-    return all(hasattr(obj, n) for n in names)
-
-
 class _OursStepper:
-    """tiger_fast.t5.T5: encode once, then decode_step with its T5Cache."""
+    """tiger_fast.t5.T5: encode once, then decode_step with its T5Cache; beams move with
+    ``select_beams`` (cross-attention K/V stay one copy per request).  Duck-typed models without
+    ``select_beams`` get ``reorder_cache`` with the equivalent row index."""
 
     def __init__(self, model, input_ids, mask, num_levels):
         self.model = model
         enc = model.encode(input_ids, mask)
-        self.cache = model.init_cache(enc, mask, max_length=num_levels + 2)
+        from .t5 import T5  # duck-typed models may not take max_length (it only pre-sizes buffers)
+
+        self.cache = (model.init_cache(enc, mask, max_length=num_levels + 1) if isinstance(model, T5)
+                      else model.init_cache(enc, mask))
         self.device = input_ids.device
+        self.cur_b = 1  # beams per request held by the cache
 
     def __call__(self, parent, tokens):
         R, B = tokens.shape
         tokens = tokens.to(self.device)
         if parent is not None:
             parent = parent.to(self.device)
-            prev_b = self.cache.batch_size // R
-            idx = (torch.arange(R, device=parent.device).unsqueeze(1) * prev_b + parent.clamp(min=0)).reshape(-1)
-            if prev_b == B and _has_fields(self.cache, ("self_kv", "cross_kv", "length")):
-                # Beams only move within their request, whose beams all share the same encoder
-                # output, so the cross-attention K/V rows are already right: reorder only the
-                # self-attention K/V (copying cross K/V was ~half of the decode time).
-                n = self.cache.length
-                kv = self.cache.self_kv
-                kv[:, :, :, :, :n] = kv[:, :, :, :, :n].index_select(2, idx)
+            if hasattr(self.model, "select_beams"):
+                self.cache = self.model.select_beams(self.cache, parent, reuse=True)
             else:
+                idx = (torch.arange(R, device=parent.device).unsqueeze(1) * self.cur_b
+                       + parent.clamp(min=0)).reshape(-1)
                 self.cache = self.model.reorder_cache(self.cache, idx)
+        self.cur_b = B
         logits = self.model.decode_step(tokens.reshape(-1), self.cache)
         return logits.view(R, B, -1)
 

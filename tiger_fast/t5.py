@@ -17,8 +17,9 @@ Architecture = T5 v1.0 as implemented by ``transformers.T5ForConditionalGenerati
   calls ``scale_decoder_outputs``).
 
 Weights map 1:1 to and from HF (`T5.from_hf`, `T5.to_hf`).  Incremental decoding for beam search:
-`init_cache` projects the encoder output to cross-attention K/V once; `decode_step` feeds one token
-per row and appends its self-attention K/V; `reorder_cache` selects / expands rows (beams).
+`init_cache` projects the encoder output to cross-attention K/V once per request; `decode_step`
+feeds one token per row and appends its self-attention K/V; `select_beams` moves beams within their
+request (cross K/V shared, not copied); `reorder_cache` selects / expands arbitrary rows.
 Checkpoints: `save_t5` / `load_t5` (safetensors + JSON with the T5Config and the TokenLayout).
 """
 from __future__ import annotations
@@ -182,7 +183,7 @@ class _FF(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.wo(self.drop(F.relu(self.wi(x))))
+        return self.wo(self.drop(F.relu(self.wi(x), inplace=True)))  # in place: no second (rows, d_ff) buffer
 
 
 class _Block(nn.Module):
@@ -218,6 +219,12 @@ class _Stack(nn.Module):
         return self.rel_bias(b).permute(2, 0, 1).unsqueeze(0)
 
 
+def _capturing(x: torch.Tensor) -> bool:
+    """True while a CUDA graph is being captured on x's device: value checks (host syncs) are
+    skipped then; the captured inputs come from the decode loop itself."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype attention runs in: the autocast dtype when autocast is on, else x's dtype.
     Attention biases are built in it once per forward (with that dtype's finfo.min as the mask
@@ -240,20 +247,33 @@ def _mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class T5Cache:
-    """Decoder state for incremental decoding (rows = requests x beams).
+    """Decoder state for incremental decoding.  Decoder rows are grouped by request: ``group``
+    consecutive rows (a request's beams) share one encoder output, so the cross-attention K/V are
+    stored once per request, never copied per beam (beam search attends a request's beams as
+    ``group`` queries against the same K/V).
 
-    cross_kv: float (L_dec, 2, B, h, S, d_kv) cross-attention keys/values of the encoder output;
-    enc_bias: float (B, 1, 1, S) additive encoder padding mask;
-    self_kv:  float (L_dec, 2, B, h, T_max, d_kv) self-attention keys/values, valid in [:length];
-    length:   number of decoder tokens fed so far (the position of the next token)."""
+    cross_kv: float (L_dec, 2, R, h, S, d_kv) cross-attention keys/values of the encoder output;
+    enc_bias: float (R, 1, 1, S) additive encoder padding mask;
+    self_kv:  float (T_max, L_dec, 2, R * group, h, d_kv) self-attention keys/values by position,
+              valid in [:length] (decoder row n belongs to request n // group; position-major so
+              that moving beams is one contiguous gather);
+    length:   number of decoder tokens fed so far (the position of the next token);
+    group:    decoder rows per request (1 after init_cache, the beam width after select_beams)."""
 
     cross_kv: torch.Tensor
     enc_bias: torch.Tensor
     self_kv: torch.Tensor
     length: int = 0
+    group: int = 1
+    spare: torch.Tensor | None = None  # a free buffer select_beams may gather into (avoids re-allocating)
 
     @property
     def batch_size(self) -> int:
+        """Decoder rows (R * group)."""
+        return self.self_kv.shape[3]
+
+    @property
+    def num_requests(self) -> int:
         return self.cross_kv.shape[2]
 
 
@@ -311,6 +331,8 @@ class T5(nn.Module):
         dev = self.shared.weight.device
         if x.device != dev:
             raise ValueError(f"{name} is on {x.device} but the model is on {dev}; move it with .to({str(dev)!r})")
+        if _capturing(x):  # value checks need a host sync, which a CUDA graph capture forbids
+            return x.long()
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"{name} has token ids in [{lo}, {hi}], outside the vocabulary "
@@ -329,10 +351,10 @@ class T5(nn.Module):
         if mask.dtype != torch.bool:
             if mask.dtype.is_floating_point or mask.dtype.is_complex:
                 raise TypeError(f"{name} must be bool (or 0/1 integers), got {mask.dtype}")
-            if bool(((mask != 0) & (mask != 1)).any()):
+            if not _capturing(mask) and bool(((mask != 0) & (mask != 1)).any()):
                 raise ValueError(f"{name} integer values must be 0 or 1")
             mask = mask.bool()
-        if not bool(mask.any(dim=-1).all()):
+        if not _capturing(mask) and not bool(mask.any(dim=-1).all()):
             bad = int((~mask.any(dim=-1)).nonzero()[0, 0])
             raise ValueError(f"{name} row {bad} masks every position; each row needs at least one "
                              "real token (an empty history cannot be encoded)")
@@ -442,7 +464,7 @@ class T5(nn.Module):
         for i, blk in enumerate(self.decoder.layers):
             cross[i, 0] = blk.cross_attn.heads(blk.cross_attn.k(enc))
             cross[i, 1] = blk.cross_attn.heads(blk.cross_attn.v(enc))
-        self_kv = torch.zeros(L, 2, b, c.num_heads, int(max_length), c.d_kv, dtype=w.dtype, device=w.device)
+        self_kv = torch.zeros(int(max_length), L, 2, b, c.num_heads, c.d_kv, dtype=w.dtype, device=w.device)
         return T5Cache(cross_kv=cross, enc_bias=_mask_bias(mask, w.dtype), self_kv=self_kv, length=0)
 
     def decode_step(self, tokens: torch.Tensor, cache: T5Cache) -> torch.Tensor:
@@ -458,26 +480,74 @@ class T5(nn.Module):
             raise ValueError(f"tokens has {tokens.shape[0]} rows but the cache has {cache.batch_size}; "
                              "use reorder_cache to select/expand rows first")
         t = cache.length
-        if t >= cache.self_kv.shape[4]:  # grow the self-attention buffers (amortised doubling)
+        if t >= cache.self_kv.shape[0]:  # grow the self-attention buffers (amortised doubling)
             extra = torch.zeros_like(cache.self_kv)
-            cache.self_kv = torch.cat([cache.self_kv, extra], dim=4)
+            cache.self_kv = torch.cat([cache.self_kv, extra], dim=0)
         dec = self.decoder
-        x = self.shared(tokens)[:, None, :]  # (B, 1, d)
+        x = self.shared(tokens)[:, None, :]  # (N, 1, d)
         dev = x.device
-        bias = dec.position_bias(torch.tensor([t], device=dev), torch.arange(t + 1, device=dev))
+        # positions built on the device (no host->device copy: the step can be graph-captured)
+        bias = dec.position_bias(torch.arange(t, t + 1, device=dev), torch.arange(t + 1, device=dev))
+        R, G, n = cache.num_requests, cache.group, tokens.shape[0]
         for i, blk in enumerate(dec.layers):
             a = blk.self_attn
             h = blk.self_norm(x)
-            cache.self_kv[i, 0, :, :, t] = a.heads(a.k(h))[:, :, 0]
-            cache.self_kv[i, 1, :, :, t] = a.heads(a.v(h))[:, :, 0]
-            x = x + a.attend(a.heads(a.q(h)), cache.self_kv[i, 0, :, :, :t + 1],
-                             cache.self_kv[i, 1, :, :, :t + 1], bias)
+            kv = cache.self_kv
+            kv[t, i, 0] = a.k(h).view(n, a.h, a.dk)
+            kv[t, i, 1] = a.v(h).view(n, a.h, a.dk)
+            # (t+1, N, h, dk) -> (N, h, t+1, dk) views
+            x = x + a.attend(a.heads(a.q(h)), kv[:t + 1, i, 0].permute(1, 2, 0, 3),
+                             kv[:t + 1, i, 1].permute(1, 2, 0, 3), bias)
             c = blk.cross_attn
             h = blk.cross_norm(x)
-            x = x + c.attend(c.heads(c.q(h)), cache.cross_kv[i, 0], cache.cross_kv[i, 1], cache.enc_bias)
+            # a request's G rows are G queries against its one copy of the encoder K/V
+            q = c.q(h).view(R, G, c.h, c.dk).transpose(1, 2)  # (R, h, G, dk)
+            x = x + c.attend(q, cache.cross_kv[i, 0], cache.cross_kv[i, 1], cache.enc_bias).reshape(n, 1, -1)
             x = x + blk.ff(blk.ff_norm(x))
         cache.length = t + 1
         return self._head(dec.final_norm(x))[:, 0].float()
+
+    def select_beams(self, cache: T5Cache, parent: torch.Tensor, *, reuse: bool = False) -> T5Cache:
+        """Beam step: row ``r * B + j`` of the result continues row ``r * cache.group + parent[r, j]``
+        of ``cache`` (beams never leave their request, so the cross-attention K/V are shared, not
+        copied; only the filled self-attention K/V are gathered).
+
+        parent int64 (R, B) with values in [0, cache.group) (-1 = absent beam: continues beam 0; its
+        output is ignored by the caller) -> new T5Cache with group B (the input is not modified).
+        ``reuse=True`` hands the input over: its buffer becomes the result's spare, and the next
+        ``select_beams(..., reuse=True)`` gathers into it (so the cache before that is overwritten;
+        a decode loop keeps only the newest cache, as ``tiger_fast.generate`` does).
+        No host synchronisation on CUDA (values are clamped there instead of checked), so a decode
+        loop using it can be captured in a CUDA graph."""
+        if not isinstance(cache, T5Cache):
+            raise TypeError(f"cache must be a T5Cache, got {type(cache).__name__}")
+        R = cache.num_requests
+        if (not isinstance(parent, torch.Tensor) or parent.dim() != 2 or parent.shape[0] != R
+                or parent.dtype != torch.int64 or parent.shape[1] < 1):
+            raise ValueError(f"parent must be int64 ({R}, B) with B >= 1 (one row per request), got "
+                             f"{getattr(parent, 'dtype', type(parent).__name__)} {tuple(getattr(parent, 'shape', ()))}")
+        G = cache.group
+        parent = parent.to(cache.self_kv.device)
+        if parent.device.type == "cpu":
+            lo, hi = int(parent.min()), int(parent.max())
+            if lo < -1 or hi >= G:
+                raise ValueError(f"parent values in [{lo}, {hi}] outside [-1, {G}) (the cache has {G} rows per request)")
+        B = parent.shape[1]
+        idx = (torch.arange(R, device=parent.device).unsqueeze(1) * G + parent.clamp(0, G - 1)).reshape(-1)
+        n = cache.length
+        kv = cache.self_kv
+        T, Ld, _, N, h, dk = kv.shape
+        shape = (T, Ld, 2, R * B, h, dk)
+        # Gather into the spare buffer of the previous step when it fits: at batch 256 x 20 beams a
+        # fresh 300 MB buffer per step costs more in page faults than the gather itself.
+        buf = cache.spare if reuse else None
+        if buf is None or tuple(buf.shape) != shape or buf.dtype != kv.dtype or buf.device != kv.device:
+            buf = kv.new_empty(shape)
+        if n:  # one contiguous 3-D gather over the filled positions
+            torch.index_select(kv[:n].reshape(n * Ld * 2, N, h * dk), 1, idx,
+                               out=buf[:n].view(n * Ld * 2, R * B, h * dk))
+        return T5Cache(cross_kv=cache.cross_kv, enc_bias=cache.enc_bias, self_kv=buf, length=n, group=B,
+                       spare=kv if reuse else None)
 
     @staticmethod
     def reorder_cache(cache: T5Cache, index: torch.Tensor) -> T5Cache:
@@ -495,13 +565,15 @@ class T5(nn.Module):
         lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= b:
             raise ValueError(f"index values in [{lo}, {hi}] outside the cache's rows [0, {b})")
-        index = index.to(device=cache.cross_kv.device, dtype=torch.long)
+        index = index.to(device=cache.self_kv.device, dtype=torch.long)
         n = cache.length  # only the filled part of the self-attention buffers needs copying
-        self_kv = cache.self_kv.new_zeros(cache.self_kv.shape[:2] + (index.numel(),) + cache.self_kv.shape[3:])
-        self_kv[:, :, :, :, :n] = cache.self_kv[:, :, :, :, :n].index_select(2, index)
-        return T5Cache(cross_kv=cache.cross_kv.index_select(2, index),
-                       enc_bias=cache.enc_bias.index_select(0, index),
-                       self_kv=self_kv, length=n)
+        kv = cache.self_kv
+        self_kv = kv.new_zeros(kv.shape[:3] + (index.numel(),) + kv.shape[4:])
+        self_kv[:n] = kv[:n].index_select(3, index)
+        # arbitrary rows may mix requests: the result holds one cross K/V copy per row (group 1)
+        req = index // cache.group
+        return T5Cache(cross_kv=cache.cross_kv.index_select(2, req), enc_bias=cache.enc_bias.index_select(0, req),
+                       self_kv=self_kv, length=n, group=1)
 
     # ---- misc ---------------------------------------------------------------------------------
     def num_parameters(self) -> int:
