@@ -257,11 +257,13 @@ def test_cold_start_retrieve(cold_setup):
     warm_rows = torch.from_numpy(np.flatnonzero(~np.isin(table.item_ids.numpy(), cold_ids)))
     warm_trie = Trie.from_codes(table.codes[warm_rows], warm_rows, level_sizes=LAYOUT.level_sizes)
     g = generate(model, hist, table, user_ids=users, k=6, trie=warm_trie, backend="reference")
-    r0 = C.cold_start_retrieve(model, hist, table, cold_ids, user_ids=users, k=6, epsilon=0.0, backend="reference")
+    r0 = C.cold_start_retrieve(model, hist, table, cold_ids, user_ids=users, k=6, epsilon=0.0, backend="reference",
+                               decode_over="warm")
     assert torch.equal(r0.item_ids, g.item_ids) and torch.equal(r0.scores, g.scores)
     assert not np.isin(g.item_ids.numpy(), cold_ids).any()
     # epsilon = 0.5: cold items sharing a generated prefix come in, at most 3 per list
-    r = C.cold_start_retrieve(model, hist, table, cold_ids, user_ids=users, k=6, epsilon=0.5, backend="reference")
+    r = C.cold_start_retrieve(model, hist, table, cold_ids, user_ids=users, k=6, epsilon=0.5, backend="reference",
+                              decode_over="warm")
     want = C.merge_cold_items(g.item_ids, g.codes, g.scores, torch.from_numpy(cold_ids),
                               table.codes_of(cold_ids), 6, 0.5)
     assert torch.equal(r.item_ids, want.item_ids) and torch.equal(r.is_cold, want.is_cold)
@@ -275,13 +277,38 @@ def test_cold_start_retrieve(cold_setup):
         table2 = IdTable(LAYOUT, table.item_ids.clone(), table.codes.clone())
         table2.add_items([999], top_prefix[None])
         r2 = C.cold_start_retrieve(model, hist, table2, np.append(cold_ids, 999), user_ids=users, k=6,
-                                   epsilon=0.2, backend="reference")
+                                   epsilon=0.2, backend="reference", decode_over="warm")
         assert r2.item_ids[0, :2].tolist() == [int(g.item_ids[0, 0]), 999]
         assert r2.scores[0, 1] == g.scores[0, 0]
     else:
         assert r.item_ids[0, 1] == min(has, key=lambda c: int(table.codes_of([c])[0, 3]))
     with pytest.raises(ValueError, match="not in the IdTable"):
         C.cold_start_retrieve(model, hist, table, [12345], user_ids=users, k=6, backend="reference")
+
+
+def test_cold_start_retrieve_over_all_items(cold_setup):
+    """decode_over="all" (the default): beam search over the trie of warm + cold items (2k
+    candidates), then the same ε merge; generated cold items beyond the cap are dropped."""
+    from tiger_fast.generate import generate
+
+    ds, sp, table, model = cold_setup
+    users = [int(u) for u in sp.cold_test_users[:7]]
+    hist = [ds.item_ids[sp.dataset.sequences[u][:-1]] for u in users]
+    cold_ids = ds.item_ids[sp.cold_items]
+    g = generate(model, hist, table, user_ids=users, k=12, backend="reference")  # full table trie
+    assert np.isin(g.item_ids.numpy(), cold_ids).any()  # the model does generate cold IDs here
+    for eps, cap in ((0.0, 0), (0.2, 2), (0.5, 3), (1.0, 6)):
+        r = C.cold_start_retrieve(model, hist, table, cold_ids, user_ids=users, k=6, epsilon=eps,
+                                  backend="reference")
+        want = C.merge_cold_items(g.rows, g.codes, g.scores, table.rows_of(cold_ids), table.codes_of(cold_ids), 6, eps)
+        assert torch.equal(r.rows, want.item_ids) and torch.equal(r.is_cold, want.is_cold)
+        assert int(r.is_cold.sum(1).max()) <= cap
+        if eps == 0.0:  # no cold item: the warm items of the 12 generated, in order
+            for i in range(len(users)):
+                warm = [x for x in g.item_ids[i].tolist() if x not in set(cold_ids.tolist())][:6]
+                assert r.item_ids[i].tolist() == warm
+    with pytest.raises(ValueError, match="decode_over"):
+        C.cold_start_retrieve(model, hist, table, cold_ids, user_ids=users, k=6, decode_over="cold")
 
 
 def test_evaluate_cold_start(cold_setup):
