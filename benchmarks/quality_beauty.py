@@ -5,9 +5,11 @@
 Pipeline: Beauty (TIGER-paper split) -> MiniLM item embeddings -> RQ-VAE (trained on the warm
 items) -> semantic IDs -> paper-size T5 retriever trained for the time/step budget -> evaluation
 on the leave-one-out test split: Recall@5/10, NDCG@5/10 (full catalogue), Entropy@10 (bits, leaf
-categories) at beam search and T = 1 / 1.5 / 2 and a per-level temperature, invalid-ID rate of
-unconstrained beam search, cold-start Recall@K with the ε cap vs Semantic-KNN, and the popularity
-baseline.  Writes everything to one JSON.
+categories) at beam search, uniform T = 1 / 1.5 / 2 / 3 and per-level T = (2, 2, .5, .5),
+(3, 3, .5, .5), (2, 2, 1, 1), invalid-ID rate of unconstrained beam search, cold-start Recall@K with
+the ε cap (decoding over the trie with the cold items, and over the warm trie) vs Semantic-KNN, and
+the popularity baseline.  Writes everything to one JSON.  ``--save-model DIR`` keeps the retriever
+and its IDs; ``--load-model DIR --sections ...`` re-evaluates a saved retriever without training.
 
 Cold start shares the training run (to fit one budget): 5 % of the test-target items are held out
 of every training sequence (paper protocol, tiger_fast.coldstart); the RQ-VAE and retriever never
@@ -54,6 +56,8 @@ def main(argv=None):
     p.add_argument("--json", required=True)
     p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="torch threads")
     p.add_argument("--save-model", default=None, help="also save the trained retriever here (save_t5)")
+    p.add_argument("--sections", default="tiger,temperature,invalid,coldstart",
+                   help="evaluations to run after training (comma list of tiger, temperature, invalid, coldstart)")
     p.add_argument("--load-model", default=None,
                    help="skip training: evaluate this save_t5 retriever (the IDs are rebuilt with the same "
                         "seed and --threads, which reproduces them; checked against the saved IDs if present)")
@@ -134,38 +138,47 @@ def main(argv=None):
     say(f"training: {out['training']}")
     save()
 
-    keys = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "entropy@10", "coverage@10")
-    t = time.perf_counter()
-    res = evaluate_retriever(model, full, table, split="test", k=10, max_users=a.eval_users, seed=a.seed)
-    out["tiger"] = {k: res[k] for k in keys} | {"num_examples": res["num_examples"], "seconds": time.perf_counter() - t}
-    pop = evaluate_popularity(full, split="test", max_users=a.eval_users, seed=a.seed)
-    out["popularity"] = {k: pop[k] for k in keys if k in pop}
-    say(f"TIGER {out['tiger']}\npopularity {out['popularity']}")
-    save()
-
-    if a.save_model:
+    if a.save_model and not a.load_model:
         from tiger_fast.t5 import save_t5
         save_t5(model, layout, a.save_model)
+    sections = {x.strip() for x in a.sections.split(",") if x.strip()}
+    unknown = sections - {"tiger", "temperature", "invalid", "coldstart"}
+    if unknown:
+        raise SystemExit(f"--sections: unknown {sorted(unknown)}")
+    keys = ("recall@5", "ndcg@5", "recall@10", "ndcg@10", "entropy@10", "coverage@10")
+    t = time.perf_counter()
+    if "tiger" in sections:
+        res = evaluate_retriever(model, full, table, split="test", k=10, max_users=a.eval_users, seed=a.seed)
+        out["tiger"] = {k: res[k] for k in keys} | {"num_examples": res["num_examples"],
+                                                    "seconds": time.perf_counter() - t}
+        pop = evaluate_popularity(full, split="test", max_users=a.eval_users, seed=a.seed)
+        out["popularity"] = {k: pop[k] for k in keys if k in pop}
+        say(f"TIGER {out['tiger']}\npopularity {out['popularity']}")
+        save()
+
     # uniform temperatures and per-level ones (high on c0/c1 for category diversity, low on c2/c3
     # to keep the item choice inside a prefix precise)
     temps = (None, 1.0, 1.5, 2.0, 3.0, (2.0, 2.0, 0.5, 0.5), (3.0, 3.0, 0.5, 0.5), (2.0, 2.0, 1.0, 1.0))
-    rows = entropy_vs_temperature(model, full, table, temperatures=temps,
-                                  max_users=a.aux_users, seed=a.seed)
-    out["entropy_vs_temperature"] = rows
-    say(f"entropy vs temperature: {rows}")
-    save()
+    if "temperature" in sections:
+        rows = entropy_vs_temperature(model, full, table, temperatures=temps,
+                                      max_users=a.aux_users, seed=a.seed)
+        out["entropy_vs_temperature"] = rows
+        say(f"entropy vs temperature: {rows}")
+        save()
 
-    inv = invalid_rate_unconstrained(model, full, table, k=10, max_users=a.aux_users, seed=a.seed)
-    out["invalid_rate_unconstrained"] = inv
-    say(f"invalid rate: {inv}")
-    save()
+    if "invalid" in sections:
+        inv = invalid_rate_unconstrained(model, full, table, k=10, max_users=a.aux_users, seed=a.seed)
+        out["invalid_rate_unconstrained"] = inv
+        say(f"invalid rate: {inv}")
+        save()
 
-    # the paper protocol (decode over the trie with the cold items added) and the warm-trie variant
-    cs = {mode: evaluate_cold_start(model, split, table, emb, ks=(5, 10), epsilon=0.1, decode_over=mode)
-          for mode in ("all", "warm")}
-    out["cold_start"] = cs
-    say(f"cold start: {cs}")
-    save()
+    if "coldstart" in sections:
+        # the paper protocol (decode over the trie with the cold items added) and the warm-trie variant
+        cs = {mode: evaluate_cold_start(model, split, table, emb, ks=(5, 10), epsilon=0.1, decode_over=mode)
+              for mode in ("all", "warm")}
+        out["cold_start"] = cs
+        say(f"cold start: {cs}")
+        save()
     say(f"done; wrote {a.json}")
 
 
