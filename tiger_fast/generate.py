@@ -256,6 +256,7 @@ class _HFStepper:
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.device = input_ids.device
         self.cur_b = 1
+        self.expanded = None  # (B, encoder states (R*B, S, d), mask (R*B, S)) for the current beam width
 
     def __call__(self, parent, tokens):
         from transformers.modeling_outputs import BaseModelOutput
@@ -271,9 +272,11 @@ class _HFStepper:
             else:
                 self.cache.reorder_cache(idx)
         self.cur_b = B
-        rows = torch.arange(R, device=tokens.device).repeat_interleave(B)
-        enc = BaseModelOutput(last_hidden_state=self.enc_h.index_select(0, rows))
-        out = self.model(encoder_outputs=enc, attention_mask=self.mask.index_select(0, rows),
+        if self.expanded is None or self.expanded[0] != B:  # every row's encoder output, once per beam width
+            rows = torch.arange(R, device=tokens.device).repeat_interleave(B)
+            self.expanded = (B, self.enc_h.index_select(0, rows), self.mask.index_select(0, rows))
+        enc = BaseModelOutput(last_hidden_state=self.expanded[1])
+        out = self.model(encoder_outputs=enc, attention_mask=self.expanded[2],
                          decoder_input_ids=tokens.reshape(-1, 1), use_cache=True,
                          **{self.cache_kw: self.cache})
         self.cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
