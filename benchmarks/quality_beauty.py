@@ -94,6 +94,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=10_000)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--length-buckets", type=int, default=0,
+                   help="TrainConfig.length_buckets: 0 = uniform random batches (paper), W = sort windows of W batches by length")
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/tiger_fast/embeddings"))
     p.add_argument("--checkpoint-dir", default=None, help="resumable training checkpoints (default: none)")
     p.add_argument("--model", default="paper", choices=["paper", "small"],
@@ -161,7 +163,8 @@ def main(argv=None):
     t5 = {} if a.model == "paper" else {"d_model": 64, "num_heads": 4, "d_kv": 16, "d_ff": 256,
                                         "num_encoder_layers": 2, "num_decoder_layers": 2}
     cfg = PipelineConfig(seed=a.seed, t5=t5, steps=a.steps, time_budget_s=a.budget_min * 60, batch_size=a.batch_size,
-                         lr=a.lr, warmup_steps=a.warmup, eval_every=max(a.steps, 1), eval_users=0)
+                         lr=a.lr, warmup_steps=a.warmup, eval_every=max(a.steps, 1), eval_users=0,
+                         length_buckets=a.length_buckets)
     t = time.perf_counter()
     if a.load_model:
         from tiger_fast.ids import IdTable as _T

@@ -100,6 +100,45 @@ def test_resume_after_interruption_is_exact(tmp_path):
     assert hc["resumed_from"] == 25 and hc["final_step"] == 30
 
 
+@pytest.mark.parametrize("n,bs,window", [(1, 1, 1), (97, 8, 3), (256, 16, 4), (50, 7, 100)])
+def test_length_bucketed_order_is_a_permutation_with_homogeneous_batches(n, bs, window):
+    from tiger_fast.train import _Order
+
+    g = torch.Generator().manual_seed(n)
+    lengths = torch.randint(1, 82, (n,), generator=g)
+    lengths[: n // 3] = 5  # many ties
+    plain, bucketed = _Order(n, 3), _Order(n, 3, lengths=lengths, window=window, batch_size=bs)
+    spread = {"plain": [], "bucketed": []}
+    for epoch in range(2):
+        p = bucketed.perm(epoch)
+        assert torch.equal(torch.sort(p).values, torch.arange(n))  # every example once per epoch
+        assert torch.equal(p, _Order(n, 3, lengths=lengths, window=window, batch_size=bs).perm(epoch))  # seeded
+        for name, q in (("plain", plain.perm(epoch)), ("bucketed", p)):
+            for blk in torch.split(q, bs):
+                spread[name].append(int(lengths[blk].max() - lengths[blk].min()))
+    assert torch.equal(_Order(n, 3, lengths=lengths, window=0, batch_size=bs).perm(0), plain.perm(0))  # 0 = off
+    if n > bs:
+        assert sum(spread["bucketed"]) < sum(spread["plain"])
+
+
+def test_length_buckets_train_and_resume(tmp_path):
+    ex = _task(num_users=60)
+    a = _model()
+    ha = train_retriever(a, ex, config=_cfg(max_steps=20, length_buckets=2), progress=False)
+    assert ha["final_step"] == 20 and math.isfinite(ha["loss"][-1][1])
+    b = _model()
+    cfg = _cfg(max_steps=20, length_buckets=2, checkpoint_dir=str(tmp_path), checkpoint_every=10)
+    train_retriever(b, ex, config=_cfg(max_steps=10, length_buckets=2, checkpoint_dir=str(tmp_path),
+                                       checkpoint_every=10), progress=False)
+    b2 = _model(seed=9)
+    train_retriever(b2, ex, config=cfg, progress=False)
+    assert _same_weights(a, b2)
+    with pytest.raises(ValueError, match="length_buckets"):
+        train_retriever(_model(), ex, config=_cfg(max_steps=30, checkpoint_dir=str(tmp_path)), progress=False)
+    with pytest.raises(ValueError, match="length_buckets"):
+        TrainConfig(length_buckets=-1)
+
+
 def test_best_checkpoint_is_kept_and_restored(tmp_path):
     ex = _task()
     values = iter([0.1, 0.5, 0.3, 0.2])

@@ -27,6 +27,7 @@ class PipelineConfig:
     (e.g. ``{"num_encoder_layers": 2}``); steps / time_budget_s: retriever training length;
     warmup_steps: constant-lr phase before inverse-sqrt decay (paper: 10k of 200k steps);
     eval_users: users sampled for validation during training (0 = no validation);
+    length_buckets: TrainConfig.length_buckets (0 = uniform random batches);
     device: where the retriever trains ("cpu", "cuda", "cuda:1")."""
     seed: int = 0
     rq_epochs: int = 50
@@ -43,6 +44,7 @@ class PipelineConfig:
     device: str = "cpu"
     embed_model: str | None = None
     cache_dir: str | None = None
+    length_buckets: int = 0
 
 
 def embeddings_for(dataset, cfg: PipelineConfig, progress: bool = True) -> np.ndarray:
@@ -91,7 +93,8 @@ def train_tiger(dataset, id_table, cfg: PipelineConfig, *, checkpoint_dir: str |
     tcfg = TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                        max_steps=cfg.steps, seed=cfg.seed, eval_every=cfg.eval_every,
                        time_budget_s=cfg.time_budget_s, checkpoint_dir=checkpoint_dir,
-                       checkpoint_every=max(cfg.eval_every, 100), device=cfg.device)
+                       checkpoint_every=max(cfg.eval_every, 100), device=cfg.device,
+                       length_buckets=cfg.length_buckets)
     history = train_retriever(model, examples, config=tcfg, eval_fn=eval_fn if cfg.eval_users else None,
                               progress=progress, layout=layout)
     model.eval()

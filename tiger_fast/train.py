@@ -74,7 +74,12 @@ class TrainConfig:
     eval_every: run ``eval_fn`` every this many steps (and at the end); checkpoint_every: write a
     resumable checkpoint every this many steps (and at the end / on the time budget) when
     ``checkpoint_dir`` is set.  time_budget_s: stop (after checkpointing) once this much wall time
-    has been spent in this call.  precision: "fp32" or "bf16" (autocast; meant for GPUs)."""
+    has been spent in this call.  precision: "fp32" or "bf16" (autocast; meant for GPUs).
+    length_buckets: 0 = uniform random batches (the paper); W > 0 = within each window of W
+    consecutive batches of an epoch's random order, examples are sorted by encoder length and the
+    window's batches are then taken in a seeded random order, so each batch pads to similar lengths
+    (Beauty: most histories are a few items, a random batch pads to 81 tokens).  Every epoch still
+    visits every example once."""
 
     batch_size: int = 256
     lr: float = 0.01
@@ -96,6 +101,7 @@ class TrainConfig:
     keep_checkpoints: int = 1
     time_budget_s: float | None = None
     log_every: int = 100
+    length_buckets: int = 0
 
     def __post_init__(self):
         def pos_int(name, allow_zero=False):
@@ -106,6 +112,7 @@ class TrainConfig:
         for n in ("batch_size", "max_steps", "eval_every", "checkpoint_every", "log_every", "keep_checkpoints"):
             pos_int(n)
         pos_int("warmup_steps", allow_zero=True)
+        pos_int("length_buckets", allow_zero=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"TrainConfig.seed must be a non-negative int, got {self.seed!r}")
         for n in ("lr", "adam_eps"):
@@ -141,7 +148,7 @@ class TrainConfig:
 
 # fields that must match when resuming (changing them would not continue the same run)
 _RESUME_FIXED = ("batch_size", "lr", "warmup_steps", "optimizer", "weight_decay", "betas", "adam_eps",
-                 "grad_clip", "seed", "precision")
+                 "grad_clip", "seed", "precision", "length_buckets")
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -162,18 +169,35 @@ def _seed_of(seed: int, tag: str, n: int) -> int:
 
 
 class _Order:
-    """Infinite example order: per-epoch permutations seeded by (seed, epoch)."""
+    """Infinite example order: per-epoch permutations seeded by (seed, epoch); with ``window`` > 0
+    (TrainConfig.length_buckets) each window of ``window * batch_size`` positions is sorted by
+    ``lengths`` and its batch-size blocks are shuffled (seeded by (seed, epoch, window))."""
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, lengths: torch.Tensor | None = None, window: int = 0, batch_size: int = 1):
         self.n, self.seed, self._cache = n, seed, {}
+        self.lengths, self.window, self.bs = lengths, int(window), int(batch_size)
 
     def perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._cache:
             if len(self._cache) > 2:
                 self._cache.clear()
             g = torch.Generator().manual_seed(_seed_of(self.seed, "epoch", epoch))
-            self._cache[epoch] = torch.randperm(self.n, generator=g)
+            p = torch.randperm(self.n, generator=g)
+            if self.window > 0 and self.lengths is not None:
+                p = self._bucket(p, epoch)
+            self._cache[epoch] = p
         return self._cache[epoch]
+
+    def _bucket(self, p: torch.Tensor, epoch: int) -> torch.Tensor:
+        w = self.window * self.bs
+        out = []
+        for i, s in enumerate(range(0, self.n, w)):
+            chunk = p[s:s + w]
+            chunk = chunk[torch.sort(self.lengths[chunk], stable=True).indices]
+            blocks = list(torch.split(chunk, self.bs))
+            g = torch.Generator().manual_seed(_seed_of(self.seed, f"bucket{epoch}", i))
+            out += [blocks[j] for j in torch.randperm(len(blocks), generator=g).tolist()]
+        return torch.cat(out)
 
     def batch(self, step: int, bs: int) -> torch.Tensor:
         pos = torch.arange(step * bs, (step + 1) * bs)
@@ -375,6 +399,7 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
         if prefix is not None:
             tensors, meta = load_checkpoint(prefix)
             old = meta["train_config"]
+            old = {"length_buckets": 0, **old}  # checkpoints from before that option
             diff = [k for k in _RESUME_FIXED if (list(old[k]) if k == "betas" else old[k]) !=
                     (list(getattr(cfg, k)) if k == "betas" else getattr(cfg, k))]
             if diff:
@@ -402,7 +427,8 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
             _ShardLoss(model), device_ids=[device.index] if device.type == "cuda" else None)
 
     n = len(train_examples)
-    order = _Order(n, cfg.seed)
+    order = _Order(n, cfg.seed, lengths=train_examples.attention_mask.sum(1).cpu(), window=cfg.length_buckets,
+                   batch_size=cfg.batch_size)
     ex = train_examples
     # keep the examples on the training device when they are small (avoids a copy per step)
     if device.type != "cpu" and ex.input_ids.numel() * 8 < 2 ** 31:
