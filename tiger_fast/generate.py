@@ -8,7 +8,8 @@ temperature sampling, dispatching the per-level selection to a backend.
     res.scores     # float32 (R, 10) log-probabilities (full-vocab log_softmax, masked, summed)
 
 Pipeline: the encoder runs once per request row; then ``layout.num_levels`` decoder steps with the
-KV cache (beams batched as R * num_beams rows), each: full-vocabulary float32 log_softmax -> the
+KV cache (beams batched as R * num_beams rows; the cross-attention K/V stay one copy per request,
+and ``T5.select_beams`` moves beams within their request), each: full-vocabulary float32 log_softmax -> the
 level's block -> selection step (``backend``); then, with the T5 end-token convention (``eos=True``,
 the default, matching targets that end with eos), one more decoder step adds log p(eos | ID) and
 re-ranks (DESIGN §4).  For a Hugging Face ``T5ForConditionalGeneration`` on the same layout the
