@@ -37,27 +37,37 @@ import torch  # noqa: E402
 PAPER = {"recall@5": 0.0454, "ndcg@5": 0.0321, "recall@10": 0.0648, "ndcg@10": 0.0384}
 
 
-def temperature_table(model, dataset, table, temps, *, max_users, seed):
+def temperature_table(model, dataset, table, temps, *, max_users, sample_seeds=(0,)):
     """Recall@10 / Entropy@10 per temperature setting on the same users, with the paired
     comparisons behind the per-level claim: each per-level setting (h, h, l, l) against T = 1
     (entropy) and against uniform T = h (Recall@10 loss), as mean per-user differences with their
     standard errors (paired over users; the Philox noise is keyed by (seed, user), so every setting
-    sees the same noise)."""
+    sees the same noise).  ``sample_seeds``: sampling seeds whose per-user Recall/Entropy are
+    averaged (more seeds, less sampling noise in the comparisons)."""
     from tiger_fast.evaluate import evaluate_retriever
     from tiger_fast.metrics import entropy_at_k, ndcg_at_k, recall_at_k
 
+    if max_users is not None and max_users < len(dataset.sequences) and len(sample_seeds) > 1:
+        raise SystemExit("several --sample-seeds need all users (--aux-users >= the number of users): "
+                         "the seed also draws the user sample")
     cats = dataset.leaf_categories()
     per, rows = {}, []
     for t in temps:
-        r = evaluate_retriever(model, dataset, table, "test", ks=(10,), k=10, temperature=t, max_users=max_users,
-                               seed=seed, return_rankings=True)
-        rec = recall_at_k(r["rankings"], r["targets"], 10, reduction="none")
-        ent = entropy_at_k(r["rankings"], cats, 10, reduction="none")
+        recs, ents, ndcgs, covs = [], [], [], []
+        for s in ((sample_seeds[0],) if t is None else sample_seeds):
+            r = evaluate_retriever(model, dataset, table, "test", ks=(10,), k=10, temperature=t,
+                                   max_users=max_users, seed=s, return_rankings=True)
+            recs.append(recall_at_k(r["rankings"], r["targets"], 10, reduction="none"))
+            ents.append(entropy_at_k(r["rankings"], cats, 10, reduction="none"))
+            ndcgs.append(ndcg_at_k(r["rankings"], r["targets"], 10))
+            covs.append(r["coverage@10"])
+        rec, ent = torch.stack(recs).mean(0), torch.stack(ents).mean(0)
         name = "beam" if t is None else "/".join(f"{x:g}" for x in r["temperature"])
         per[name] = (rec, ent, r["temperature"])
         rows.append({"temperature": r["temperature"], "recall@10": float(rec.mean()),
-                     "ndcg@10": float(ndcg_at_k(r["rankings"], r["targets"], 10)), "entropy@10": float(ent.mean()),
-                     "coverage@10": r["coverage@10"], "num_examples": int(rec.numel())})
+                     "ndcg@10": float(np.mean(ndcgs)), "entropy@10": float(ent.mean()),
+                     "coverage@10": float(np.mean(covs)), "num_examples": int(rec.numel()),
+                     "sample_seeds": 1 if t is None else len(sample_seeds)})
 
     def paired(a, b):
         d = (a - b).double()
@@ -104,6 +114,10 @@ def main(argv=None):
     p.add_argument("--json", required=True)
     p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="torch threads")
     p.add_argument("--save-model", default=None, help="also save the trained retriever here (save_t5)")
+    p.add_argument("--sample-seeds", type=int, nargs="+", default=None,
+                   help="sampling seeds averaged in the temperature table (several need --aux-users >= all users)")
+    p.add_argument("--temperatures", default=None,
+                   help="temperature settings for the table, ';'-separated, each 'beam', T or T0,T1,T2,T3")
     p.add_argument("--sections", default="tiger,temperature,invalid,coldstart",
                    help="evaluations to run after training (comma list of tiger, temperature, invalid, coldstart)")
     p.add_argument("--load-model", default=None,
@@ -208,8 +222,12 @@ def main(argv=None):
     # uniform temperatures and per-level ones (high on c0/c1 for category diversity, low on c2/c3
     # to keep the item choice inside a prefix precise)
     temps = (None, 1.0, 1.5, 2.0, 3.0, (2.0, 2.0, 0.5, 0.5), (3.0, 3.0, 0.5, 0.5), (2.0, 2.0, 1.0, 1.0))
+    if a.temperatures:
+        temps = tuple(None if x.strip() == "beam" else (float(x) if "," not in x else tuple(float(v) for v in x.split(",")))
+                      for x in a.temperatures.split(";"))
     if "temperature" in sections:
-        rows, claims = temperature_table(model, full, table, temps, max_users=a.aux_users, seed=a.seed)
+        rows, claims = temperature_table(model, full, table, temps, max_users=a.aux_users,
+                                         sample_seeds=tuple(a.sample_seeds or [a.seed]))
         out["entropy_vs_temperature"] = rows
         out["per_level_temperature_claims"] = claims
         say(f"entropy vs temperature: {rows}\nclaims: {claims}")
