@@ -61,8 +61,12 @@ def test_pipeline_commands_end_to_end(tmp_path, capsys):
     assert rep["num_items"] == 300 and "share_prefix" in rep
     out = str(tmp_path / "retriever")
     assert main(["train", "--data", data, "--ids", ids, "--out", out, "--steps", "3", "--layers", "1",
-                 "--batch-size", "16", "--warmup", "1", "--eval-every", "3", "--eval-users", "10", "--quiet"]) == 0
+                 "--batch-size", "16", "--warmup", "1", "--eval-every", "3", "--eval-users", "10",
+                 "--length-buckets", "4", "--quiet"]) == 0
     assert os.path.isdir(os.path.join(out, "model"))
+    ck = sorted(f for f in os.listdir(os.path.join(out, "checkpoints")) if f.endswith(".json"))
+    with open(os.path.join(out, "checkpoints", ck[-1])) as f:
+        assert json.load(f)["train_config"]["length_buckets"] == 4
     capsys.readouterr()
     assert main(["evaluate", "--data", data, "--ids", ids, "--model", out, "--max-users", "20", "--popularity",
                  "--quiet"]) == 0

@@ -163,7 +163,8 @@ def cmd_train(a):
         t5 = {"num_encoder_layers": a.layers, "num_decoder_layers": a.layers}
     cfg = PipelineConfig(seed=a.seed, t5=t5, steps=a.steps, time_budget_s=a.time_budget,
                          batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup, eval_every=a.eval_every,
-                         eval_users=a.eval_users, backend=a.backend, device=device)
+                         eval_users=a.eval_users, backend=a.backend, device=device,
+                         length_buckets=a.length_buckets)
     model, hist = train_tiger(ds, table, cfg, checkpoint_dir=os.path.join(a.out, "checkpoints"),
                               progress=not a.quiet and rank == 0)
     if rank != 0:
@@ -309,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--layers", type=int, default=None, help="encoder and decoder layers (paper: 4)")
     sp.add_argument("--eval-every", type=int, default=5000)
     sp.add_argument("--eval-users", type=int, default=1000)
+    sp.add_argument("--length-buckets", type=int, default=0,
+                    help="sort windows of N batches by history length (less padding: ~3.6x faster on Beauty); "
+                         "0 = uniform random batches, as in the paper")
     sp.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda"])
     sp.add_argument("--seed", type=int, default=0)
 
