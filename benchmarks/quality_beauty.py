@@ -9,7 +9,9 @@ categories) at beam search, uniform T = 1 / 1.5 / 2 / 3 and per-level T = (2, 2,
 (3, 3, .5, .5), (2, 2, 1, 1), invalid-ID rate of unconstrained beam search, cold-start Recall@K with
 the ε cap (decoding over the trie with the cold items, and over the warm trie) vs Semantic-KNN, and
 the popularity baseline.  Writes everything to one JSON.  ``--save-model DIR`` keeps the retriever
-and its IDs; ``--load-model DIR --sections ...`` re-evaluates a saved retriever without training.
+and its IDs; ``--load-model DIR --sections ...`` re-evaluates a saved retriever without training;
+``--init-model DIR`` keeps training a saved retriever (warm start: fresh optimizer, the --lr/--warmup
+schedule) for another --budget-min.
 
 Cold start shares the training run (to fit one budget): 5 % of the test-target items are held out
 of every training sequence (paper protocol, tiger_fast.coldstart); the RQ-VAE and retriever never
@@ -123,7 +125,12 @@ def main(argv=None):
     p.add_argument("--load-model", default=None,
                    help="skip training: evaluate this save_t5 retriever (the IDs are rebuilt with the same "
                         "seed and --threads, which reproduces them; checked against the saved IDs if present)")
+    p.add_argument("--init-model", default=None,
+                   help="warm start: keep training this save_t5 retriever (its weights, a fresh optimizer, the "
+                        "schedule of --lr/--warmup) for --budget-min; IDs rebuilt and checked as for --load-model")
     a = p.parse_args(argv)
+    if a.load_model and a.init_model:
+        raise SystemExit("--load-model (no training) and --init-model (more training) exclude each other")
     torch.set_num_threads(a.threads)
 
     from tiger_fast.coldstart import assign_cold_ids, evaluate_cold_start, split_cold_items
@@ -180,24 +187,29 @@ def main(argv=None):
                          lr=a.lr, warmup_steps=a.warmup, eval_every=max(a.steps, 1), eval_users=0,
                          length_buckets=a.length_buckets)
     t = time.perf_counter()
-    if a.load_model:
-        from tiger_fast.ids import IdTable as _T
+    def load_saved(path):
         from tiger_fast.t5 import load_t5
-        model, _ = load_t5(a.load_model)
-        saved = os.path.join(a.load_model, "ids.parquet")
+        m, _ = load_t5(path)
+        saved = os.path.join(path, "ids.parquet")
         if os.path.exists(saved):
-            s = _T.from_parquet(saved)
+            s = IdTable.from_parquet(saved)
             if not (torch.equal(s.codes, table.codes) and torch.equal(s.item_ids, table.item_ids)):
                 raise SystemExit(f"the rebuilt IDs differ from {saved}; use the --threads and --seed of that run")
+        return m
+
+    if a.load_model:
+        model = load_saved(a.load_model)
         out["training"] = {"loaded": a.load_model}
         hist = {}
     else:
-        model, hist = train_tiger(ds, table, cfg, checkpoint_dir=a.checkpoint_dir, progress=False)
+        init = load_saved(a.init_model) if a.init_model else None
+        model, hist = train_tiger(ds, table, cfg, checkpoint_dir=a.checkpoint_dir, progress=False, init_model=init)
     out["training"] = out.get("training") or {"seconds": time.perf_counter() - t, "steps": hist.get("final_step"),
                        "stopped": hist.get("stopped"), "steps_per_s": hist.get("steps_per_s"),
                        "examples_seen": (hist.get("final_step") or 0) * a.batch_size,
                        "last_loss": hist["loss"][-1] if hist.get("loss") else None,
-                       "parameters": sum(p.numel() for p in model.parameters())}
+                       "parameters": sum(p.numel() for p in model.parameters()),
+                       "init_model": a.init_model}
     say(f"training: {out['training']}")
     save()
 

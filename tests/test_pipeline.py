@@ -30,3 +30,53 @@ def test_demo_pipeline_tiny(tmp_path):
     load_rqvae(os.path.join(tmp_path, "out", "rqvae"))
     model, layout = load_t5(os.path.join(tmp_path, "out", "retriever"))
     assert layout == table.layout
+
+
+def _tiny_setup():
+    import torch
+
+    from tiger_fast.data import synthetic_dataset
+    from tiger_fast.ids import IdTable
+    from tiger_fast.layout import TokenLayout
+
+    ds = synthetic_dataset(num_items=61, num_users=37, seed=0)
+    codes = torch.randint(0, 256, (61, 3), generator=torch.Generator().manual_seed(0))
+    table = IdTable.from_rq_codes(TokenLayout(), ds.item_ids, codes)
+    cfg = PipelineConfig(t5={"d_model": 16, "num_heads": 2, "d_kv": 8, "d_ff": 32,
+                             "num_encoder_layers": 1, "num_decoder_layers": 1},
+                         steps=3, batch_size=8, warmup_steps=1, lr=0.003, eval_every=100, eval_users=0,
+                         backend="reference")
+    return ds, table, cfg
+
+
+def test_train_tiger_warm_start_keeps_training_the_given_model():
+    import torch
+
+    from tiger_fast.pipeline import train_tiger
+
+    ds, table, cfg = _tiny_setup()
+    first, _ = train_tiger(ds, table, cfg, progress=False)
+    before = {k: v.clone() for k, v in first.state_dict().items()}
+    again, hist = train_tiger(ds, table, cfg, progress=False, init_model=first)
+    assert again is first and hist["final_step"] == 3
+    changed = [k for k, v in again.state_dict().items() if not torch.equal(v, before[k])]
+    assert "shared.weight" in changed
+    # starting from the trained weights is not the same as starting from scratch
+    fresh, _ = train_tiger(ds, table, cfg, progress=False)
+    assert torch.equal(fresh.shared.weight, before["shared.weight"])  # scratch runs are reproducible
+    assert not torch.equal(fresh.shared.weight, again.shared.weight)
+
+
+def test_train_tiger_warm_start_rejects_a_mismatched_model():
+    import pytest
+
+    from tiger_fast.pipeline import train_tiger
+    from tiger_fast.t5 import T5, T5Config
+
+    ds, table, cfg = _tiny_setup()
+    with pytest.raises(TypeError, match="init_model"):
+        train_tiger(ds, table, cfg, progress=False, init_model="model/")
+    other = T5(T5Config(vocab_size=table.layout.vocab_size + 1, d_model=16, num_heads=2, d_kv=8, d_ff=32,
+                        num_encoder_layers=1, num_decoder_layers=1))
+    with pytest.raises(ValueError, match="init_model has vocab_size"):
+        train_tiger(ds, table, cfg, progress=False, init_model=other)

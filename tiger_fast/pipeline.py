@@ -72,16 +72,27 @@ def build_semantic_ids(dataset, embeddings, cfg: PipelineConfig, *, layout: Toke
 
 
 def train_tiger(dataset, id_table, cfg: PipelineConfig, *, checkpoint_dir: str | None = None,
-                progress: bool = True):
+                progress: bool = True, init_model=None):
     """Train the T5 retriever on the leave-one-out training split; validation Recall/NDCG on
-    ``cfg.eval_users`` sampled users.  Returns (model, history)."""
+    ``cfg.eval_users`` sampled users.  Returns (model, history).
+
+    ``init_model``: a T5 to keep training (warm start: its weights, a fresh optimizer and the
+    schedule of ``cfg``) instead of a new one built from ``cfg.t5``; trained in place."""
     from .evaluate import evaluate_retriever
     from .sequences import leave_one_out, tokenize_split
     from .t5 import T5, paper_config
     from .train import TrainConfig, train_retriever
 
     layout = id_table.layout
-    model = T5(paper_config(layout, **cfg.t5), seed=cfg.seed)
+    if init_model is None:
+        model = T5(paper_config(layout, **cfg.t5), seed=cfg.seed)
+    elif not isinstance(init_model, T5):
+        raise TypeError(f"init_model must be a tiger_fast.t5.T5, got {type(init_model).__name__}")
+    elif init_model.config.vocab_size != layout.vocab_size:
+        raise ValueError(f"init_model has vocab_size {init_model.config.vocab_size} but the id_table's layout "
+                         f"has {layout.vocab_size}; it was trained for another TokenLayout")
+    else:
+        model = init_model
     splits = leave_one_out(dataset)
     examples = tokenize_split(splits.train, dataset, layout, id_table)
 
