@@ -365,3 +365,54 @@ def test_bad_inputs():
     assert isinstance(cache, T5Cache)
 
 
+
+
+def _decode_all(m, ids, mask, dec):
+    cache = m.init_cache(m.encode(ids, mask), mask)
+    return torch.stack([m.decode_step(dec[:, t], cache) for t in range(dec.shape[1])], 1)
+
+
+@pytest.mark.parametrize("ci", range(len(CONFIGS)))
+def test_decode_weights_follow_parameter_updates(ci):
+    # decode_step keeps transposed/fused copies of the decoder weights between calls; every way a
+    # parameter changes must make the next cache use the new values, never stale ones.
+    cfg = T5Config(dropout=0.0, **CONFIGS[ci])
+    m = T5(cfg, seed=6).eval()
+    ids, mask, dec = _inputs(cfg.vocab_size, 3, 11, 4, seed=ci + 20)
+    with torch.no_grad():
+        _decode_all(m, ids, mask, dec)
+        first = m._decode_weights()
+        assert m._decode_weights() is first  # unchanged parameters: reused
+    # 1) an optimizer step (in-place updates of every parameter)
+    m.train()
+    m.loss(ids, mask, dec).backward()
+    torch.optim.SGD(m.parameters(), lr=0.5).step()
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_decode_all(m, ids, mask, dec), m(ids, mask, dec), atol=ATOL, rtol=0)
+        assert m._decode_weights() is not first
+        # 2) load_state_dict from another model; 3) an in-place edit of one decoder weight
+        other = T5(cfg, seed=7).eval()
+        m.load_state_dict(other.state_dict())
+        torch.testing.assert_close(_decode_all(m, ids, mask, dec), other(ids, mask, dec), atol=ATOL, rtol=0)
+        m.decoder.layers[-1].ff.wo.weight.mul_(-2.0)
+        torch.testing.assert_close(_decode_all(m, ids, mask, dec), m(ids, mask, dec), atol=ATOL, rtol=0)
+        assert not torch.allclose(m(ids, mask, dec), other(ids, mask, dec), atol=ATOL)
+    # 4) a dtype change (new storage)
+    m.double()
+    with torch.no_grad():
+        got = _decode_all(m, ids, mask, dec)
+        torch.testing.assert_close(got, m(ids, mask, dec).float(), atol=ATOL, rtol=0)
+
+
+def test_decode_step_with_autograd_on_after_inference_mode():
+    # the kept weights are created under inference_mode by generate(); a later call with autograd
+    # on must not feed those inference tensors into a graph (torch refuses to save them for backward)
+    cfg = T5Config(dropout=0.0, **CONFIGS[0])
+    m = T5(cfg, seed=8).eval()
+    ids, mask, dec = _inputs(cfg.vocab_size, 2, 9, 3, seed=30)
+    with torch.inference_mode():
+        want = _decode_all(m, ids, mask, dec).clone()
+    got = _decode_all(m, ids, mask, dec)
+    assert got.requires_grad
+    torch.testing.assert_close(got.detach(), want, atol=ATOL, rtol=0)

@@ -258,7 +258,9 @@ class T5Cache:
               valid in [:length] (decoder row n belongs to request n // group; position-major so
               that moving beams is one contiguous gather);
     length:   number of decoder tokens fed so far (the position of the next token);
-    group:    decoder rows per request (1 after init_cache, the beam width after select_beams)."""
+    group:    decoder rows per request (1 after init_cache, the beam width after select_beams);
+    weights:  the decoder weights taken by init_cache (a snapshot: to decode with changed weights,
+              start a new cache)."""
 
     cross_kv: torch.Tensor
     enc_bias: torch.Tensor
@@ -266,6 +268,7 @@ class T5Cache:
     length: int = 0
     group: int = 1
     spare: torch.Tensor | None = None  # a free buffer select_beams may gather into (avoids re-allocating)
+    weights: dict | None = None  # the decoder weights init_cache used (T5._decode_weights); decode_step reuses them
 
     @property
     def batch_size(self) -> int:
@@ -438,6 +441,44 @@ class T5(nn.Module):
                                ignore_index=-100)
 
     # ---- incremental decoding -----------------------------------------------------------------
+    def _build_decode_weights(self) -> dict:
+        """The decoder's weights as (in, out) matrices for ``x @ W``: per layer the self-attention
+        q|k|v fused (d, 3 * h * dk), o, cross q and o, FFN wi and wo; the cross k|v of all layers
+        fused (d, L * 2 * h * dk); the lm head (d, V).  Why: a decode step multiplies few rows
+        (batch 1: the 20 beams) by weights that are no longer in cache, and in this layout with
+        fewer, larger products it ran ~10 % faster end to end (batch 1, benchmarks/bench_generate.py)."""
+        t = lambda w: w.t().contiguous()
+        layers = []
+        for blk in self.decoder.layers:
+            a, c, ff = blk.self_attn, blk.cross_attn, blk.ff
+            layers.append({"qkv": t(torch.cat([a.q.weight, a.k.weight, a.v.weight])), "o": t(a.o.weight),
+                           "cross_q": t(c.q.weight), "cross_o": t(c.o.weight),
+                           "wi": t(ff.wi.weight), "wo": t(ff.wo.weight)})
+        cross_kv = t(torch.cat([torch.cat([b.cross_attn.k.weight, b.cross_attn.v.weight])
+                                for b in self.decoder.layers]))
+        head = t(self.shared.weight if self.lm_head is None else self.lm_head.weight)
+        return {"layers": layers, "cross_kv": cross_kv, "head": head}
+
+    def _decode_weights(self) -> dict:
+        """`_build_decode_weights`, kept between calls while no parameter changes (keyed by every
+        parameter's storage and version counter: optimizer steps, load_state_dict and .to() all
+        change it).  With autograd on they are rebuilt each time so that gradients flow."""
+        if torch.is_grad_enabled():
+            return self._build_decode_weights()
+        # the parameters _build_decode_weights reads (looked up each time: .to() or
+        # load_state_dict(assign=True) may replace Parameter objects)
+        params = [p for blk in self.decoder.layers for m in (blk.self_attn, blk.cross_attn)
+                  for p in (m.q.weight, m.k.weight, m.v.weight, m.o.weight)]
+        params += [p for blk in self.decoder.layers for p in (blk.ff.wi.weight, blk.ff.wo.weight)]
+        params.append(self.shared.weight if self.lm_head is None else self.lm_head.weight)
+        # (a dtype or device change allocates new storage, but check them too: addresses get reused)
+        key = (params[0].dtype, params[0].device, *[(p.data_ptr(), p._version) for p in params])
+        cached = self.__dict__.get("_decode_weights_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self._build_decode_weights())
+            self.__dict__["_decode_weights_cache"] = cached
+        return cached[1]
+
     def init_cache(self, enc: torch.Tensor, enc_mask: torch.Tensor | None = None, *,
                    max_length: int = 8) -> T5Cache:
         """enc float (B, S, d_model) from `encode`, enc_mask bool (B, S) -> an empty T5Cache
@@ -460,12 +501,13 @@ class T5(nn.Module):
         b, s, _ = enc.shape
         c = self.config
         L = c.num_decoder_layers
-        cross = torch.empty(L, 2, b, c.num_heads, s, c.d_kv, dtype=w.dtype, device=w.device)
-        for i, blk in enumerate(self.decoder.layers):
-            cross[i, 0] = blk.cross_attn.heads(blk.cross_attn.k(enc))
-            cross[i, 1] = blk.cross_attn.heads(blk.cross_attn.v(enc))
-        self_kv = torch.zeros(int(max_length), L, 2, b, c.num_heads, c.d_kv, dtype=w.dtype, device=w.device)
-        return T5Cache(cross_kv=cross, enc_bias=_mask_bias(mask, w.dtype), self_kv=self_kv, length=0)
+        weights = self._decode_weights()
+        # every layer's cross K/V in one product: (B*S, d) @ (d, L*2*h*dk)
+        kv = torch.matmul(enc.reshape(b * s, -1), weights["cross_kv"]).view(b, s, L, 2, c.num_heads, c.d_kv)
+        cross = kv.permute(2, 3, 0, 4, 1, 5).contiguous()  # (L, 2, B, h, S, dk)
+        self_kv = torch.zeros(int(max_length), L, 2, b, c.num_heads, c.d_kv, dtype=cross.dtype, device=w.device)
+        return T5Cache(cross_kv=cross, enc_bias=_mask_bias(mask, cross.dtype), self_kv=self_kv, length=0,
+                       weights=weights)
 
     def decode_step(self, tokens: torch.Tensor, cache: T5Cache) -> torch.Tensor:
         """Feed one decoder token per row (the first call feeds the start token,
@@ -484,28 +526,35 @@ class T5(nn.Module):
             extra = torch.zeros_like(cache.self_kv)
             cache.self_kv = torch.cat([cache.self_kv, extra], dim=0)
         dec = self.decoder
-        x = self.shared(tokens)[:, None, :]  # (N, 1, d)
+        weights = cache.weights if cache.weights is not None else self._decode_weights()
+        x = self.shared(tokens)  # (N, d)
         dev = x.device
         # positions built on the device (no host->device copy: the step can be graph-captured)
         bias = dec.position_bias(torch.arange(t, t + 1, device=dev), torch.arange(t + 1, device=dev))
         R, G, n = cache.num_requests, cache.group, tokens.shape[0]
+        kv = cache.self_kv
         for i, blk in enumerate(dec.layers):
+            w = weights["layers"][i]
             a = blk.self_attn
-            h = blk.self_norm(x)
-            kv = cache.self_kv
-            kv[t, i, 0] = a.k(h).view(n, a.h, a.dk)
-            kv[t, i, 1] = a.v(h).view(n, a.h, a.dk)
+            qkv = torch.matmul(blk.self_norm(x), w["qkv"]).view(n, 3, a.h, a.dk)
+            kv[t, i] = qkv[:, 1:].transpose(0, 1)  # this token's K and V: (2, N, h, dk)
             # (t+1, N, h, dk) -> (N, h, t+1, dk) views
-            x = x + a.attend(a.heads(a.q(h)), kv[:t + 1, i, 0].permute(1, 2, 0, 3),
-                             kv[:t + 1, i, 1].permute(1, 2, 0, 3), bias)
+            out = F.scaled_dot_product_attention(qkv[:, 0].unsqueeze(2), kv[:t + 1, i, 0].permute(1, 2, 0, 3),
+                                                 kv[:t + 1, i, 1].permute(1, 2, 0, 3),
+                                                 attn_mask=bias.to(qkv.dtype), scale=1.0)
+            x = x + torch.matmul(out.reshape(n, -1), w["o"])
             c = blk.cross_attn
-            h = blk.cross_norm(x)
             # a request's G rows are G queries against its one copy of the encoder K/V
-            q = c.q(h).view(R, G, c.h, c.dk).transpose(1, 2)  # (R, h, G, dk)
-            x = x + c.attend(q, cache.cross_kv[i, 0], cache.cross_kv[i, 1], cache.enc_bias).reshape(n, 1, -1)
-            x = x + blk.ff(blk.ff_norm(x))
+            q = torch.matmul(blk.cross_norm(x), w["cross_q"]).view(R, G, c.h, c.dk).transpose(1, 2)  # (R, h, G, dk)
+            out = F.scaled_dot_product_attention(q, cache.cross_kv[i, 0], cache.cross_kv[i, 1],
+                                                 attn_mask=cache.enc_bias.to(q.dtype), scale=1.0)
+            x = x + torch.matmul(out.transpose(1, 2).reshape(n, -1), w["cross_o"])
+            x = x + torch.matmul(torch.relu_(torch.matmul(blk.ff_norm(x), w["wi"])), w["wo"])
         cache.length = t + 1
-        return self._head(dec.final_norm(x))[:, 0].float()
+        y = dec.final_norm(x)
+        if self.config.scale_decoder_outputs:
+            y = y * (self.config.d_model ** -0.5)
+        return torch.matmul(y, weights["head"]).float()
 
     def select_beams(self, cache: T5Cache, parent: torch.Tensor, *, reuse: bool = False) -> T5Cache:
         """Beam step: row ``r * B + j`` of the result continues row ``r * cache.group + parent[r, j]``
@@ -547,7 +596,7 @@ class T5(nn.Module):
             torch.index_select(kv[:n].reshape(n * Ld * 2, N, h * dk), 1, idx,
                                out=buf[:n].view(n * Ld * 2, R * B, h * dk))
         return T5Cache(cross_kv=cache.cross_kv, enc_bias=cache.enc_bias, self_kv=buf, length=n, group=B,
-                       spare=kv if reuse else None)
+                       spare=kv if reuse else None, weights=cache.weights)
 
     @staticmethod
     def reorder_cache(cache: T5Cache, index: torch.Tensor) -> T5Cache:
@@ -573,7 +622,7 @@ class T5(nn.Module):
         # arbitrary rows may mix requests: the result holds one cross K/V copy per row (group 1)
         req = index // cache.group
         return T5Cache(cross_kv=cache.cross_kv.index_select(2, req), enc_bias=cache.enc_bias.index_select(0, req),
-                       self_kv=self_kv, length=n, group=1)
+                       self_kv=self_kv, length=n, group=1, weights=cache.weights)
 
     # ---- misc ---------------------------------------------------------------------------------
     def num_parameters(self) -> int:
