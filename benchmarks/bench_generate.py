@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import os
 
-# Two OpenMP runtimes live in this process (torch's bundled libgomp and the extension's): with the
-# default active wait their idle threads spin and, on a shared or oversubscribed machine, steal the
-# cores from the other runtime (measured here: batch-1 generate 11-20 s instead of 65 ms).  Must be
-# set before torch/numpy start their thread pools; an explicit setting by the caller wins.
+# OpenMP threads spin-wait after parallel regions by default; on a shared or oversubscribed machine
+# that stalls every matrix product (see tiger_fast/__init__.py for measurements).  Must be set
+# before torch/numpy start their thread pools; an explicit setting by the caller wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse

@@ -8,10 +8,11 @@ Public API (imported lazily so ``import tiger_fast`` stays cheap):
 import os
 from importlib import import_module
 
-# torch's OpenMP runtime and the extensions' OpenMP runtime are two copies of libgomp; with the
-# default (active) wait policy each spins on the cores after a parallel region and starves the
-# other (measured: batch-1 generate 11-20 s instead of 65 ms on a busy 2-core machine).  Passive
-# waiting costs nothing measurable here.  Only a default: must be set before torch is imported.
+# OpenMP threads spin-wait after each parallel region by default.  When another process holds one of
+# the cores, a spinning or descheduled team member stalls every matrix product (batch-1 generate on
+# 2 threads beside a 1-thread training job: 39 ms passive, 72 ms active, 68 ms with libgomp's
+# default spin of 300,000 rounds; an earlier session saw 11-20 s instead of 65 ms).  One libgomp is loaded
+# (the extensions resolve to torch's copy).  Only a default: set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .layout import TokenLayout  # noqa: E402  (after the environment default above)
