@@ -32,6 +32,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -142,6 +143,7 @@ def main(argv=None):
     from tiger_fast.layout import TokenLayout
     from tiger_fast.pipeline import PipelineConfig, leaf_categories_by_row, train_tiger
     from tiger_fast.rqvae import RQVAEConfig, RQVAETrainConfig, train_rqvae
+    from temperature_levels import branching
 
     t0 = time.perf_counter()
     out: dict = {"args": vars(a), "paper": PAPER}
@@ -175,6 +177,8 @@ def main(argv=None):
     assign_cold_ids(rq, emb[cold], full.item_ids[cold], table)
     out["rqvae"] = {"seconds": time.perf_counter() - t, "final": rq_hist[-1] if rq_hist else None}
     out["semantic_ids"] = {**table.report(), **semantic_id_report(table, leaf_categories_by_row(full, table))}
+    # choices per trie level: where a level has one valid code, its temperature cannot matter
+    out["trie_branching"] = branching(table.codes)
     say(f"semantic IDs: {json.dumps(out['semantic_ids'], default=str)[:400]}")
     save()
 
