@@ -126,6 +126,8 @@ def main(argv=None):
     p.add_argument("--load-model", default=None,
                    help="skip training: evaluate this save_t5 retriever (the IDs are rebuilt with the same "
                         "seed and --threads, which reproduces them; checked against the saved IDs if present)")
+    p.add_argument("--codebook-sizes", default="256,256,256",
+                   help="codes per RQ-VAE level (paper: 256,256,256); smaller levels leave choices at c2/c3")
     p.add_argument("--init-model", default=None,
                    help="warm start: keep training this save_t5 retriever (its weights, a fresh optimizer, the "
                         "schedule of --lr/--warmup) for --budget-min; IDs rebuilt and checked as for --load-model")
@@ -169,9 +171,9 @@ def main(argv=None):
     cold = np.asarray(split.cold_items)
     out["cold_split"] = {"cold_items": int(cold.size), "cold_test_users": int(len(split.cold_test_users))}
 
-    layout = TokenLayout()
+    layout = TokenLayout(codebook_sizes=tuple(int(x) for x in a.codebook_sizes.split(",")))
     t = time.perf_counter()
-    rq, rq_hist = train_rqvae(emb[warm], RQVAEConfig(input_dim=emb.shape[1]),
+    rq, rq_hist = train_rqvae(emb[warm], RQVAEConfig(input_dim=emb.shape[1], codebook_sizes=layout.codebook_sizes),
                               RQVAETrainConfig(epochs=a.rq_epochs, seed=a.seed), progress=False)
     table = IdTable.from_rq_codes(layout, full.item_ids[warm], rq.semantic_codes(emb[warm]))
     assign_cold_ids(rq, emb[cold], full.item_ids[cold], table)
