@@ -11,8 +11,9 @@ from importlib import import_module
 # OpenMP threads spin-wait after each parallel region by default.  When another process holds one of
 # the cores, a spinning or descheduled team member stalls every matrix product (batch-1 generate on
 # 2 threads beside a 1-thread training job: 39 ms passive, 72 ms active, 68 ms with libgomp's
-# default spin of 300,000 rounds; an earlier session saw 11-20 s instead of 65 ms).  One libgomp is loaded
-# (the extensions resolve to torch's copy).  Only a default: set before torch is imported.
+# default spin; on a quiet machine spinning wins: 22-27 ms against 37 ms; README).  libgomp reads
+# the variable once, when torch loads it: this default only applies if tiger_fast is imported
+# before torch.  One libgomp is loaded (the extensions resolve to torch's copy).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .layout import TokenLayout  # noqa: E402  (after the environment default above)
