@@ -4,7 +4,7 @@ throughput, peak RSS, a kill/resume test and an output check.
 
 Steps:
 
-1. ``DIR/latents.npy``: N x 32 float32 latents from ``tiger_fast.data.iter_synthetic_latents``
+1. ``DIR/latents.npy``: N x 32 float32 latents from ``tiger_fast.synthetic.iter_synthetic_latents``
    (deterministic by global row; one Gaussian blob, ``clusters=1`` — see ``DATA`` for why),
    written chunk by chunk through ``np.lib.format.open_memmap`` (bounded memory).
    ``DIR/latents.npy.done`` (JSON) marks a complete file; a rerun with the same parameters reuses it.
@@ -66,7 +66,7 @@ GEN_CHUNK = 1 << 20
 
 def write_latents(path: str, n: int) -> dict:
     """DIR/latents.npy (n, 32) float32, chunk by chunk; returns timing info."""
-    from tiger_fast.data import iter_synthetic_latents
+    from tiger_fast.synthetic import iter_synthetic_latents
 
     marker = path + ".done"
     want = {"n": n, **DATA}

@@ -2,7 +2,7 @@
 2 map workers on a local Ray instance, next to the single-machine streaming path
 (``tiger_fast.assign.assign_ids``) on the same data; checks that every output is identical.
 
-Data: ``--items`` synthetic item embeddings (``tiger_fast.data.synthetic_latents``, clustered)
+Data: ``--items`` synthetic item embeddings (``tiger_fast.synthetic.synthetic_latents``, clustered)
 written as ``--shards`` Parquet shards (column embedding fixed_size_list<float32>, item_id int64).
 Model: a random RQ-VAE (``--input-dim`` -> hidden -> latent, k-means-initialised codebooks) —
 the throughput of assignment does not depend on how well the model was trained.
@@ -36,7 +36,7 @@ def make_data(d: str, n: int, shards: int, dim: int, seed: int):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tiger_fast.data import synthetic_latents
+    from tiger_fast.synthetic import synthetic_latents
 
     x = synthetic_latents(n, dim=dim, clusters=256, seed=seed)
     ids = np.random.default_rng(seed).permutation(n * 7)[:n].astype(np.int64)  # sparse, unordered ids

@@ -61,7 +61,7 @@ def main(argv=None):
 
     from quality_beauty import temperature_table
 
-    from tiger_fast.data import synthetic_dataset
+    from tiger_fast.synthetic import synthetic_dataset
     from tiger_fast.evaluate import evaluate_popularity
     from tiger_fast.layout import TokenLayout
     from tiger_fast.pipeline import build_semantic_ids, demo_config, embeddings_for, train_tiger

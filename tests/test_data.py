@@ -1,4 +1,4 @@
-"""Loaders and the synthetic generators of tiger_fast.data."""
+"""Loaders of tiger_fast.data, the synthetic generators of tiger_fast.synthetic, the CLI dataset spec."""
 import gzip
 import json
 import shutil
@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiger_fast.data import (Dataset, default_data_dir, iter_synthetic_latents, load_amazon2014, load_beauty,
-                             load_dataset, load_lcrec, load_tables, synthetic_dataset, synthetic_latents)
+from tiger_fast.cli import load_dataset_spec as load_dataset
+from tiger_fast.data import Dataset, default_data_dir, load_amazon2014, load_beauty, load_lcrec, load_tables
+from tiger_fast.synthetic import iter_synthetic_latents, synthetic_dataset, synthetic_latents
 
 HERE = Path(__file__).resolve().parent
 FIX = HERE / "data"
@@ -344,7 +345,7 @@ def test_synthetic_latents_chunking_invariant():
     assert not np.array_equal(synthetic_latents(10, dim=5, clusters=17, seed=5), full[:10])
     assert synthetic_latents(0, dim=5).shape == (0, 5)
     # clustered: points sit near their centres (noise 0.3 vs unit-scale centres)
-    from tiger_fast.data import _latent_centers
+    from tiger_fast.synthetic import _latent_centers
     c = _latent_centers(5, 17, 4, 0.5)
     d2 = ((full[:2000, None, :] - c[None]) ** 2).sum(-1).min(1)
     assert np.median(d2) < 5 * 0.3 ** 2 * 2

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tiger_fast.assign import assign_ids
-from tiger_fast.data import synthetic_latents
+from tiger_fast.synthetic import synthetic_latents
 from tiger_fast.distributed import ParquetShards, assign_ids_ray, require_ray
 from tiger_fast.ids import IdTable
 from tiger_fast.layout import TokenLayout

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 
 import tiger_fast.embed as E
-from tiger_fast.data import Dataset, synthetic_dataset
-from tiger_fast.embed import DEFAULT_TEMPLATE, embed_dataset, embed_texts, item_text, template_id
+from tiger_fast.data import Dataset
+from tiger_fast.synthetic import synthetic_dataset
+from tiger_fast.embed import DEFAULT_TEMPLATE, embed_dataset, embed_texts, item_text, item_texts, template_id
 
 
 # ---------------------------------------------------------------------------------------------
@@ -39,8 +40,8 @@ def test_item_text_custom_templates():
 def test_dataset_texts_use_template():
     d = Dataset("t", np.array([1, 2]), [{"title": "a", "categories": ["x", "y"]}, {}], np.array([0]),
                 [np.array([0, 1])])
-    assert d.texts() == ["Title: a; Categories: x > y", ""]
-    assert d.texts("{title}") == ["a", ""]
+    assert item_texts(d) == ["Title: a; Categories: x > y", ""]
+    assert item_texts(d, "{title}") == ["a", ""]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def test_minilm_synthetic_items_cluster_by_category():
 
 
 def test_load_embeddings(tmp_path):
-    from tiger_fast.embed import load_embeddings
+    from tiger_fast.fileio import load_embeddings
 
     x = np.arange(12, dtype=np.float64).reshape(4, 3)
     np.save(tmp_path / "e.npy", x)

@@ -9,7 +9,8 @@ import torch
 
 from tiger_fast import evaluate as E
 from tiger_fast import metrics as M
-from tiger_fast.data import Dataset, synthetic_dataset
+from tiger_fast.data import Dataset
+from tiger_fast.synthetic import synthetic_dataset
 from tiger_fast.ids import IdTable
 from tiger_fast.layout import TokenLayout
 from tiger_fast.sequences import leave_one_out

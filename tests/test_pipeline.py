@@ -35,7 +35,7 @@ def test_demo_pipeline_tiny(tmp_path):
 def _tiny_setup():
     import torch
 
-    from tiger_fast.data import synthetic_dataset
+    from tiger_fast.synthetic import synthetic_dataset
     from tiger_fast.ids import IdTable
     from tiger_fast.layout import TokenLayout
 

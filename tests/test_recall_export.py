@@ -108,7 +108,7 @@ def test_bad_inputs(client, tmp_path):
 
 def test_batch_recall_matches_generate(tmp_path):
     """Every user's exported list equals generate() on the same history (a tiny random model)."""
-    from tiger_fast.data import synthetic_dataset
+    from tiger_fast.synthetic import synthetic_dataset
     from tiger_fast.generate import generate
     from tiger_fast.ids import IdTable
     from tiger_fast.layout import TokenLayout

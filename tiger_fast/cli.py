@@ -60,6 +60,60 @@ def _load_model(path, id_table):
     return model.eval()
 
 
+_SPEC_HELP = ('dataset spec must be one of: "synthetic", "synthetic:items=2000,users=3000,seed=0", '
+              '"beauty" (default data dir), "beauty:<dir>", "scientific" (default data dir), '
+              '"lcrec:<dir>:<name>", "amazon2014:<reviews.json.gz>:<meta.json.gz>", '
+              '"tables:<items>:<interactions>"')
+
+
+def _parse_scalar(v: str):
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return v
+
+
+def load_dataset_spec(spec: str):
+    """A :class:`tiger_fast.data.Dataset` from a one-string spec (the CLI's ``--data``); forms in ``_SPEC_HELP``.
+
+    ``synthetic`` options: ``items``, ``users``, ``seed`` and any :class:`tiger_fast.synthetic.SyntheticConfig` field.
+    Two-path specs split at the last ``:``.  ``beauty``/``scientific`` alone use
+    :func:`tiger_fast.data.default_data_dir`.
+    """
+    from .data import default_data_dir, load_amazon2014, load_beauty, load_lcrec, load_tables
+    from .synthetic import synthetic_dataset
+
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(_SPEC_HELP)
+    kind, _, rest = spec.partition(":")
+    kind = kind.lower()
+    if kind == "synthetic":
+        kwargs: dict = {}
+        alias = {"items": "num_items", "users": "num_users"}
+        for part in filter(None, rest.split(",")):
+            k, eq, v = part.partition("=")
+            if not eq:
+                raise ValueError(f"synthetic spec option {part!r} must be key=value; {_SPEC_HELP}")
+            kwargs[alias.get(k.strip(), k.strip())] = _parse_scalar(v.strip())
+        return synthetic_dataset(**kwargs)
+    if kind == "beauty":
+        return load_beauty(rest or default_data_dir() / "amazon-beauty-2014")
+    if kind == "scientific" and not rest:
+        return load_lcrec(default_data_dir() / "amazon-scientific-2018", "Scientific")
+    if kind in ("lcrec", "amazon2014", "tables"):
+        a, sep, b = rest.rpartition(":")
+        if not sep or not a or not b:
+            raise ValueError(f"{kind} spec needs two parts separated by ':'; {_SPEC_HELP}")
+        if kind == "lcrec":
+            return load_lcrec(a, b)
+        if kind == "amazon2014":
+            return load_amazon2014(a, b)
+        return load_tables(a, b)
+    raise ValueError(f"unknown dataset spec {spec!r}; {_SPEC_HELP}")
+
+
 def cmd_demo(a):
     from .pipeline import demo_config, run_demo
 
@@ -71,10 +125,9 @@ def cmd_demo(a):
 def cmd_embed(a):
     import numpy as np
 
-    from .data import load_dataset
     from .embed import embed_dataset
 
-    ds = load_dataset(a.data)
+    ds = load_dataset_spec(a.data)
     emb = embed_dataset(ds, a.model, batch_size=a.batch_size, cache_dir=a.cache_dir, progress=not a.quiet)
     tmp = a.out + ".tmp.npy"
     np.save(tmp, emb)
@@ -135,20 +188,18 @@ def cmd_assign_ids(a):
 
 
 def cmd_id_report(a):
-    from .data import load_dataset
     from .ids import semantic_id_report
     from .pipeline import leaf_categories_by_row
 
     table = _load_ids(a.ids)
     rep = table.report()
     if a.data:
-        ds = load_dataset(a.data)
+        ds = load_dataset_spec(a.data)
         rep.update(semantic_id_report(table, leaf_categories_by_row(ds, table)))
     _print_json(rep)
 
 
 def cmd_train(a):
-    from .data import load_dataset
     from .pipeline import PipelineConfig, train_tiger
     from .t5 import save_t5
     from .train import init_distributed
@@ -156,7 +207,7 @@ def cmd_train(a):
     # Under torchrun (WORLD_SIZE > 1) this joins the process group (gloo on CPU, NCCL on GPU) and
     # train_retriever shards every global batch across ranks; otherwise it is a no-op.
     rank, _, device = init_distributed()
-    ds = load_dataset(a.data)
+    ds = load_dataset_spec(a.data)
     table = _load_ids(a.ids)
     t5 = {}
     if a.layers:
@@ -180,10 +231,9 @@ def _resolve_model_dir(path):
 
 
 def cmd_evaluate(a):
-    from .data import load_dataset
     from .evaluate import evaluate_popularity, evaluate_retriever
 
-    ds = load_dataset(a.data)
+    ds = load_dataset_spec(a.data)
     table = _load_ids(a.ids)
     model = _load_model(_resolve_model_dir(a.model), table)
     res = evaluate_retriever(model, ds, table, split=a.split, k=a.k, temperature=a.temperature,
@@ -195,10 +245,9 @@ def cmd_evaluate(a):
 
 
 def cmd_recommend(a):
-    from .data import load_dataset
     from .generate import generate
 
-    ds = load_dataset(a.data)
+    ds = load_dataset_spec(a.data)
     table = _load_ids(a.ids)
     model = _load_model(_resolve_model_dir(a.model), table)
     where = {int(u): n for n, u in enumerate(ds.user_ids)}
@@ -217,13 +266,12 @@ def cmd_recommend(a):
 
 
 def cmd_batch_recall(a):
-    from .data import load_dataset
     from .cpu_memory import retain_freed_memory
     from .recall_export import batch_recall, load_to_redis
 
     retain_freed_memory()  # a long batch job: keep freed buffers instead of page-faulting them back in
 
-    ds = load_dataset(a.data)
+    ds = load_dataset_spec(a.data)
     table = _load_ids(a.ids)
     model = _load_model(_resolve_model_dir(a.model), table)
     rep = batch_recall(model, ds, table, a.out, k=a.k, batch_size=a.batch_size, backend=a.backend,

@@ -1,6 +1,5 @@
-"""Datasets: item catalogues with text, and chronological user interaction sequences.
-
-One in-memory type, :class:`Dataset`, and loaders for every input the library accepts:
+"""Datasets: the in-memory :class:`Dataset` (item catalogue + chronological user sequences) and
+the loaders of every source format the library accepts:
 
 =====================  ===========================================================================
 ``load_beauty``         the TIGER-paper Amazon Beauty set (S3-Rec ``Beauty.txt`` + ``items.jsonl``)
@@ -8,10 +7,10 @@ One in-memory type, :class:`Dataset`, and loaders for every input the library ac
 ``load_amazon2014``     the original public Amazon 2014 files (``reviews_<Cat>_5.json.gz`` +
                         ``meta_<Cat>.json.gz``), 5-core filtered here
 ``load_tables``         a generic items table + interactions table (Parquet / JSON lines / CSV)
-``synthetic_dataset``   a deterministic synthetic catalogue with sequential taste (demos, tests)
-``synthetic_latents``   clustered float32 latents for scale benchmarks, chunkable to 100M+ rows
-``load_dataset``        one string spec for all of the above (CLI)
 =====================  ===========================================================================
+
+Synthetic datasets live in :mod:`tiger_fast.synthetic`, file/table reading in
+:mod:`tiger_fast.fileio`, the CLI's one-string dataset spec in :func:`tiger_fast.cli.load_dataset_spec`.
 
 Conventions (every loader):
 
@@ -27,20 +26,19 @@ Conventions (every loader):
 from __future__ import annotations
 
 import ast
-import gzip
 import html
-import io
 import json
 import math
 import os
 import re
 import warnings
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
+
+from .fileio import EMBED_COLUMNS, check_file, embedding_column, find_file, id_column, read_json, read_lines, read_table
 
 __all__ = [
     "Dataset",
@@ -50,11 +48,6 @@ __all__ = [
     "load_lcrec",
     "load_amazon2014",
     "load_tables",
-    "SyntheticConfig",
-    "synthetic_dataset",
-    "synthetic_latents",
-    "iter_synthetic_latents",
-    "load_dataset",
 ]
 
 #: The item text fields the library knows, in the order the default text template uses them.
@@ -168,15 +161,6 @@ class Dataset:
             out.append(cats[-1] if cats else "")
         return out
 
-    def texts(self, template=None) -> list[str]:
-        """(N,) one text per item, rendered by :func:`tiger_fast.embed.item_text`.
-
-        ``template`` None uses :data:`tiger_fast.embed.DEFAULT_TEMPLATE`; see there.
-        """
-        from .embed import item_text  # embed imports this module; import late to avoid a cycle
-
-        return [item_text(it, template) for it in self.items]
-
     def index_of(self, item_ids) -> np.ndarray:
         """External item ids (array-like of ints) -> int64 internal indices; unknown id -> ValueError."""
         ids = np.asarray(item_ids, dtype=np.int64)
@@ -215,7 +199,7 @@ class Dataset:
 
 
 # ================================================================================================
-# File helpers
+# Data location, item metadata cleaning
 # ================================================================================================
 def default_data_dir() -> Path:
     """Where the development data lives: env ``TIGER_FAST_DATA``, else ``<repo>/../shared/data``."""
@@ -223,57 +207,6 @@ def default_data_dir() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-
-
-def _check_file(path, what: str) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{what}: file not found: {p}")
-    if not p.is_file():
-        raise ValueError(f"{what}: {p} is not a regular file")
-    if not os.access(p, os.R_OK):
-        raise PermissionError(f"{what}: file is not readable: {p}")
-    return p
-
-
-def _find(directory: Path, names: Sequence[str], what: str) -> Path:
-    """First existing ``directory/name`` among ``names`` (e.g. with and without .gz)."""
-    for n in names:
-        p = directory / n
-        if p.is_file():
-            return p
-    raise FileNotFoundError(f"{what}: none of {list(names)} found in {directory}")
-
-
-def _open_text(path: Path):
-    """Text handle for a plain or gzip file (decided by the magic bytes, not the suffix)."""
-    with open(path, "rb") as fh:
-        magic = fh.read(2)
-    if magic == b"\x1f\x8b":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def _read_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without newline) for non-blank lines; read errors name the path."""
-    try:
-        with _open_text(path) as fh:
-            for no, line in enumerate(fh, 1):
-                line = line.rstrip("\r\n")
-                if line.strip():
-                    yield no, line
-    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
-        raise ValueError(f"{what}: cannot read {path}: {e}") from e
-
-
-def _read_json(path: Path, what: str):
-    try:
-        with _open_text(path) as fh:
-            return json.load(fh)
-    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
-        raise ValueError(f"{what}: cannot read {path}: {e}") from e
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what}: {path} is not valid JSON: {e}") from e
 
 
 def _clean_str(v) -> str | None:
@@ -393,11 +326,11 @@ def load_beauty(directory) -> Dataset:
     has no price or description.
     """
     d = _resolve_beauty_dir(directory)
-    seq_path = _find(d, ("Beauty.txt", "Beauty.txt.gz"), "load_beauty")
-    items_path = _find(d, ("items.jsonl", "items.jsonl.gz"), "load_beauty")
+    seq_path = find_file(d, ("Beauty.txt", "Beauty.txt.gz"), "load_beauty")
+    items_path = find_file(d, ("items.jsonl", "items.jsonl.gz"), "load_beauty")
 
     rows = []
-    for no, line in _read_lines(items_path, "load_beauty"):
+    for no, line in read_lines(items_path, "load_beauty"):
         try:
             r = json.loads(line)
             rows.append((int(r["item_id"]), r.get("asin"), r.get("title"), list(r.get("brand_and_categories") or [])))
@@ -416,7 +349,7 @@ def load_beauty(directory) -> Dataset:
     index = {int(i): k for k, i in enumerate(item_ids)}
 
     user_ids, seqs = [], []
-    for no, line in _read_lines(seq_path, "load_beauty"):
+    for no, line in read_lines(seq_path, "load_beauty"):
         parts = line.split()
         try:
             ids = [int(x) for x in parts]
@@ -451,10 +384,10 @@ def load_lcrec(directory, name: str) -> Dataset:
         raise FileNotFoundError(f"load_lcrec: directory not found: {d}")
     if not name or not isinstance(name, str):
         raise ValueError("load_lcrec: name must be the file prefix, e.g. 'Scientific' for Scientific.inter.json")
-    inter_path = _find(d, (f"{name}.inter.json", f"{name}.inter.json.gz"), "load_lcrec")
-    item_path = _find(d, (f"{name}.item.json", f"{name}.item.json.gz"), "load_lcrec")
-    inter = _read_json(inter_path, "load_lcrec")
-    meta = _read_json(item_path, "load_lcrec")
+    inter_path = find_file(d, (f"{name}.inter.json", f"{name}.inter.json.gz"), "load_lcrec")
+    item_path = find_file(d, (f"{name}.item.json", f"{name}.item.json.gz"), "load_lcrec")
+    inter = read_json(inter_path, "load_lcrec")
+    meta = read_json(item_path, "load_lcrec")
     if not isinstance(inter, dict) or not isinstance(meta, dict):
         raise ValueError(f"load_lcrec: {inter_path} and {item_path} must each hold one JSON object")
     if not meta:
@@ -535,14 +468,14 @@ def load_amazon2014(reviews_path, meta_path, *, core: int = 5, name: str | None 
     are ASINs, ``user_keys`` reviewerIDs, ``user_ids = 0..U-1``, ``timestamps`` the review times.
     Items without a metadata line get an empty metadata dict (a warning gives the count).
     """
-    rp = _check_file(reviews_path, "load_amazon2014 reviews")
-    mp = _check_file(meta_path, "load_amazon2014 meta")
+    rp = check_file(reviews_path, "load_amazon2014 reviews")
+    mp = check_file(meta_path, "load_amazon2014 meta")
     if not isinstance(core, int) or core < 1:
         raise ValueError(f"load_amazon2014: core must be a positive int, got {core!r}")
     user_code: dict[str, int] = {}
     item_code: dict[str, int] = {}
     us, its, ts = [], [], []
-    for no, line in _read_lines(rp, "load_amazon2014 reviews"):
+    for no, line in read_lines(rp, "load_amazon2014 reviews"):
         try:
             r = json.loads(line)
             u, a, t = r["reviewerID"], r["asin"], r["unixReviewTime"]
@@ -585,7 +518,7 @@ def load_amazon2014(reviews_path, meta_path, *, core: int = 5, name: str | None 
 
     wanted = {a: k for k, a in enumerate(item_keys)}
     items: list[dict | None] = [None] * len(item_keys)
-    for no, line in _read_lines(mp, "load_amazon2014 meta"):
+    for no, line in read_lines(mp, "load_amazon2014 meta"):
         m = _ASIN_RE.search(line)
         if m is None or m.group(1) not in wanted:
             continue  # cheap skip: only parse the lines of items that survived the filter
@@ -611,77 +544,6 @@ def load_amazon2014(reviews_path, meta_path, *, core: int = 5, name: str | None 
     return Dataset(name, np.arange(len(item_keys), dtype=np.int64), items,
                    np.arange(len(seqs), dtype=np.int64), seqs, item_keys=item_keys, user_keys=user_keys,
                    timestamps=tss)
-
-
-# ================================================================================================
-# Generic tables
-# ================================================================================================
-_EMBED_COLUMNS = ("embedding", "embeddings", "vector")
-
-
-def _read_table(path, what: str):
-    """Parquet / JSON lines / CSV (optionally .gz) -> pyarrow.Table; format from the suffix."""
-    import pyarrow as pa
-
-    p = _check_file(path, what)
-    name = p.name.lower()
-    base = name[:-3] if name.endswith(".gz") else name
-    try:
-        if base.endswith((".parquet", ".pq")):
-            import pyarrow.parquet as pq
-
-            return pq.read_table(p)
-        if base.endswith((".jsonl", ".ndjson", ".json")):
-            rows = []
-            for no, line in _read_lines(p, what):
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{what}: {p} line {no} is not JSON ({e}); expected one object a line") from e
-                if not isinstance(r, dict):
-                    raise ValueError(f"{what}: {p} line {no}: expected a JSON object, got {type(r).__name__}")
-                rows.append(r)
-            if not rows:
-                return pa.table({})
-            cols = list(dict.fromkeys(k for r in rows for k in r))
-            return pa.table({c: pa.array([r.get(c) for r in rows], type=_json_column_type(c, rows)) for c in cols})
-        if base.endswith((".csv", ".tsv")):
-            import pyarrow.csv as pcsv
-
-            opts = pcsv.ParseOptions(delimiter="\t" if base.endswith(".tsv") else ",")
-            # item/user ids stay as parsed (int or string); everything else is read by type inference
-            return pcsv.read_csv(p, parse_options=opts)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
-        raise ValueError(f"{what}: cannot read {p}: {e}") from e
-    raise ValueError(f"{what}: unsupported file type {p.name!r}; use .parquet, .jsonl or .csv (optionally .gz)")
-
-
-def _json_column_type(col: str, rows: list[dict]):
-    """Let pyarrow infer, except mixed int/str id columns which become strings."""
-    import pyarrow as pa
-
-    vals = [r.get(col) for r in rows if r.get(col) is not None]
-    kinds = {type(v) for v in vals}
-    if len(kinds) > 1 and str in kinds and not (kinds - {str, int}):
-        return pa.string()
-    return None
-
-
-def _id_column(table, col: str, what: str, path) -> tuple[np.ndarray, list | None]:
-    """An id column -> (int64 ids, None) for integer ids, or (codes, string keys) for strings."""
-    import pyarrow as pa
-
-    c = table.column(col)
-    if c.null_count:
-        raise ValueError(f"{what}: column {col!r} of {path} has {c.null_count} missing values")
-    if pa.types.is_integer(c.type):
-        return c.to_numpy().astype(np.int64), None
-    if pa.types.is_floating(c.type):
-        a = c.to_numpy()
-        if np.all(np.isfinite(a)) and np.all(a == np.round(a)):
-            return a.astype(np.int64), None
-        raise ValueError(f"{what}: column {col!r} of {path} has non-integer numbers; ids must be ints or strings")
-    return np.arange(len(c)), [str(x) for x in c.to_pylist()]
 
 
 def _timestamps(col, path) -> np.ndarray:
@@ -730,13 +592,13 @@ def load_tables(items_path, interactions_path, *, unknown_columns: str = "error"
 
     if unknown_columns not in ("error", "ignore", "keep"):
         raise ValueError(f"load_tables: unknown_columns must be 'error', 'ignore' or 'keep', got {unknown_columns!r}")
-    itab = _read_table(items_path, "load_tables items")
+    itab = read_table(items_path, "load_tables items")
     if itab.num_rows == 0:
         raise ValueError(f"load_tables: items table {items_path} is empty")
     cols = itab.column_names
     if "item_id" not in cols:
         raise ValueError(f"load_tables: items table {items_path} has no 'item_id' column (columns: {cols})")
-    emb_cols = [c for c in cols if c in _EMBED_COLUMNS]
+    emb_cols = [c for c in cols if c in EMBED_COLUMNS]
     if len(emb_cols) > 1:
         raise ValueError(f"load_tables: items table {items_path} has several embedding columns {emb_cols}; keep one")
     known = {"item_id", *ITEM_FIELDS, *emb_cols}
@@ -745,7 +607,7 @@ def load_tables(items_path, interactions_path, *, unknown_columns: str = "error"
         raise ValueError(f"load_tables: items table {items_path} has unknown columns {extra}; known: "
                          f"item_id, {', '.join(ITEM_FIELDS)}, embedding. Rename them, or pass "
                          f"unknown_columns='ignore' (drop) / 'keep' (store in item dicts)")
-    ids, item_keys = _id_column(itab, "item_id", "load_tables items", items_path)
+    ids, item_keys = id_column(itab, "item_id", "load_tables items", items_path)
     if item_keys is None:
         u, c = np.unique(ids, return_counts=True)
     else:
@@ -768,31 +630,9 @@ def load_tables(items_path, interactions_path, *, unknown_columns: str = "error"
                     it[c] = v
     embeddings = None
     if emb_cols:
-        ecol = emb_cols[0]
-        vals = itab.column(ecol).to_pylist()
-        rows = []
-        for r, v in enumerate(vals):
-            if isinstance(v, str):
-                try:
-                    v = json.loads(v)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"load_tables: {items_path} column {ecol!r} row {r}: not a JSON array ({e})") from e
-            if not isinstance(v, (list, tuple)) or not v:
-                raise ValueError(f"load_tables: {items_path} column {ecol!r} row {r}: expected a non-empty list "
-                                 f"of floats, got {v!r:.60}")
-            rows.append(v)
-        dims = {len(v) for v in rows}
-        if len(dims) != 1:
-            raise ValueError(f"load_tables: {items_path} column {ecol!r}: embeddings have different lengths {sorted(dims)[:5]}")
-        try:
-            embeddings = np.array(rows, dtype=np.float32)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"load_tables: {items_path} column {ecol!r}: non-numeric values ({e})") from e
-        bad = ~np.isfinite(embeddings).all(axis=1)
-        if bad.any():
-            raise ValueError(f"load_tables: {items_path} column {ecol!r}: NaN/Inf in rows {np.flatnonzero(bad)[:5].tolist()}")
+        embeddings = embedding_column(itab, emb_cols[0], "load_tables", items_path)
 
-    xtab = _read_table(interactions_path, "load_tables interactions")
+    xtab = read_table(interactions_path, "load_tables interactions")
     xcols = xtab.column_names
     for c in ("user_id", "item_id"):
         if c not in xcols:
@@ -812,7 +652,7 @@ def load_tables(items_path, interactions_path, *, unknown_columns: str = "error"
         if not (pa.types.is_integer(xcol.type) or pa.types.is_floating(xcol.type)):
             raise ValueError(f"load_tables: column 'item_id' of {interactions_path} holds {xcol.type} values but the "
                              f"items table {items_path} has integer item ids")
-        xi, _ = _id_column(xtab, "item_id", "load_tables interactions", interactions_path)
+        xi, _ = id_column(xtab, "item_id", "load_tables interactions", interactions_path)
         order = np.argsort(ids, kind="stable")
         pos = np.minimum(np.searchsorted(ids[order], xi), n - 1)
         found = ids[order][pos] == xi
@@ -827,7 +667,7 @@ def load_tables(items_path, interactions_path, *, unknown_columns: str = "error"
     if not found.all():
         raise ValueError(f"load_tables: column 'item_id' of {interactions_path} has {int((~found).sum())} rows with "
                          f"item ids not in the items table {items_path}, e.g. {unknown[:5].tolist()}")
-    ucodes, user_keys = _id_column(xtab, "user_id", "load_tables interactions", interactions_path)
+    ucodes, user_keys = id_column(xtab, "user_id", "load_tables interactions", interactions_path)
     if user_keys is not None:
         _, ucodes = np.unique(np.array(user_keys, dtype=object), return_inverse=True)
     ts = _timestamps(xtab.column("timestamp"), interactions_path) if "timestamp" in xcols else None
@@ -853,344 +693,3 @@ def load_tables(items_path, interactions_path, *, unknown_columns: str = "error"
         name = Path(items_path).name.split(".")[0]
     return Dataset(name, ids.astype(np.int64), items, user_ids, seqs, item_keys=item_keys, user_keys=ukeys,
                    embeddings=embeddings, timestamps=tss)
-
-
-# ================================================================================================
-# Synthetic catalogue with sequential taste
-# ================================================================================================
-# 8 departments x 6 product types, each with words that make the item texts of a type similar to
-# each other (and to their department) for a sentence encoder.
-_SYN_TAXONOMY = (
-    ("Kitchen", (("Coffee Makers", "espresso brewing beans"), ("Cookware", "nonstick pan skillet"),
-                 ("Knives", "sharp chef blade"), ("Bakeware", "oven baking cake"),
-                 ("Blenders", "smoothie juice blending"), ("Food Storage", "airtight container lid"))),
-    ("Garden", (("Lawn Mowers", "grass cutting lawn"), ("Planters", "soil flower pot"),
-                ("Garden Hoses", "watering nozzle hose"), ("Seeds", "vegetable herb sprouting"),
-                ("Pruning Tools", "shears branch trimming"), ("Bird Feeders", "birds seed feeder"))),
-    ("Outdoor", (("Tents", "camping shelter waterproof"), ("Sleeping Bags", "insulated warm night"),
-                 ("Backpacks", "hiking trail straps"), ("Camp Stoves", "fuel burner outdoor cooking"),
-                 ("Headlamps", "lumens beam battery"), ("Water Filters", "purify drinking water"))),
-    ("Music", (("Guitars", "acoustic strings chords"), ("Keyboards", "piano keys synth"),
-               ("Drums", "percussion snare rhythm"), ("Microphones", "vocals recording studio"),
-               ("Headphones", "audio bass sound"), ("Violins", "bow orchestra classical"))),
-    ("Office", (("Notebooks", "ruled paper journal"), ("Pens", "ink ballpoint writing"),
-                ("Desk Chairs", "ergonomic lumbar seat"), ("Staplers", "staples binding documents"),
-                ("Printers", "toner printing pages"), ("Desk Lamps", "LED desk lighting"))),
-    ("Pets", (("Dog Food", "dog kibble nutrition"), ("Cat Toys", "cat feather play"),
-              ("Aquariums", "fish tank filter"), ("Bird Cages", "parrot perch cage"),
-              ("Pet Beds", "pet cushion sleep"), ("Leashes", "collar walking leash"))),
-    ("Toys", (("Building Blocks", "bricks construction build"), ("Puzzles", "jigsaw pieces puzzle"),
-              ("Dolls", "doll dress-up pretend"), ("Board Games", "dice family strategy"),
-              ("Remote Control Cars", "racing remote car"), ("Plush Animals", "soft cuddly stuffed"))),
-    ("Beauty", (("Lipsticks", "matte lip color"), ("Shampoos", "hair scalp wash"),
-                ("Face Creams", "hydrating skin moisturizer"), ("Perfumes", "floral scent fragrance"),
-                ("Nail Polish", "nail lacquer manicure"), ("Sunscreens", "SPF sun protection"))),
-)
-_SYN_LEAF_STYLES = ("Compact", "Professional", "Travel", "Kids", "Premium", "Eco-Friendly", "Vintage",
-                    "Heavy-Duty", "Mini", "Deluxe", "Wireless", "Classic")
-_SYN_ADJ = ("reliable", "durable", "lightweight", "stylish", "affordable", "powerful", "elegant", "sturdy")
-_SYN_SYLL = ("ka", "lo", "mi", "ra", "zen", "to", "vi", "nor", "ex", "sol", "pa", "qua", "ri", "on", "ta", "vel")
-
-
-@dataclass(frozen=True)
-class SyntheticConfig:
-    """Knobs of :func:`synthetic_dataset` (all have sensible defaults).
-
-    Taxonomy ``num_top x num_mid x num_leaf`` leaf categories.  Each user's sequence: length
-    ``min_len + Geometric`` with mean ``mean_len``, capped at ``max_len``; the first item is drawn by
-    popularity from a leaf of the user's home department; each next item is, with probability
-    ``p_series``, the *series successor* of the previous item (items of a leaf form a fixed cycle,
-    so item j is usually followed by one specific related item), otherwise drawn by popularity
-    from a leaf chosen by a Markov step: same leaf ``p_stay``, a sibling leaf (same product type)
-    ``p_sibling``, another type of the same department ``p_department``, else any leaf.
-    Items already in the sequence are not repeated.
-    """
-
-    num_top: int = 8
-    num_mid: int = 6
-    num_leaf: int = 5
-    min_len: int = 5
-    max_len: int = 20
-    mean_len: float = 9.0
-    p_series: float = 0.5
-    p_stay: float = 0.35
-    p_sibling: float = 0.35
-    p_department: float = 0.2
-    zipf: float = 0.8
-
-
-def _syn_names(cfg: SyntheticConfig):
-    tops, mids, kws = [], [], []
-    for t in range(cfg.num_top):
-        if t < len(_SYN_TAXONOMY) and cfg.num_mid <= len(_SYN_TAXONOMY[t][1]):
-            tname, tmids = _SYN_TAXONOMY[t]
-        else:  # beyond the word lists: plain numbered names (still distinct, less semantic)
-            tname = _SYN_TAXONOMY[t % len(_SYN_TAXONOMY)][0] + f" Line {t // len(_SYN_TAXONOMY) + 1}"
-            base = _SYN_TAXONOMY[t % len(_SYN_TAXONOMY)][1]
-            tmids = tuple((f"{base[m % len(base)][0]} Type {m // len(base) + 1}", base[m % len(base)][1])
-                          for m in range(cfg.num_mid))
-        tops.append(tname)
-        mids.append([m for m, _ in tmids[: cfg.num_mid]])
-        kws.append([k for _, k in tmids[: cfg.num_mid]])
-    leaves = []
-    for s in range(cfg.num_leaf):
-        style = _SYN_LEAF_STYLES[s % len(_SYN_LEAF_STYLES)]
-        leaves.append(style if s < len(_SYN_LEAF_STYLES) else f"{style} {s // len(_SYN_LEAF_STYLES) + 1}")
-    return tops, mids, kws, leaves
-
-
-def synthetic_dataset(num_items: int = 2000, num_users: int = 3000, seed: int = 0,
-                      config: SyntheticConfig | None = None, **overrides) -> Dataset:
-    """A deterministic synthetic catalogue and user sequences (same arguments -> same dataset).
-
-    Items: a 3-level category hierarchy (department > product type > style + type, e.g.
-    ``["Kitchen", "Coffee Makers", "Travel Coffee Makers"]``), a brand per department, a title,
-    price (log-normal per product type) and a description built from the type's words, so a sentence
-    encoder clusters items by category.  Users: sequential taste as described in
-    :class:`SyntheticConfig` (override any field by keyword, e.g. ``p_series=0.7``): a
-    next-item model can beat popularity clearly, because the next item is often the previous item's
-    series successor and otherwise usually from the same or a sibling leaf category.
-
-    Item ids ``0..N-1`` are shuffled across categories (ids carry no category information); user
-    ids ``0..U-1``.  Every leaf has at least one item when ``num_items >= leaves``.
-    """
-    cfg = config or SyntheticConfig()
-    if overrides:
-        known = set(SyntheticConfig.__dataclass_fields__)
-        bad = sorted(set(overrides) - known)
-        if bad:
-            raise TypeError(f"synthetic_dataset: unknown options {bad}; known: {sorted(known)}")
-        cfg = SyntheticConfig(**{**cfg.__dict__, **overrides})
-    for k, v in (("num_items", num_items), ("num_users", num_users)):
-        if not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"synthetic_dataset: {k} must be a positive int, got {v!r}")
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"synthetic_dataset: seed must be a non-negative int, got {seed!r}")
-    if min(cfg.num_top, cfg.num_mid, cfg.num_leaf) < 1:
-        raise ValueError("synthetic_dataset: num_top, num_mid, num_leaf must be >= 1")
-    if not 1 <= cfg.min_len <= cfg.max_len:
-        raise ValueError(f"synthetic_dataset: need 1 <= min_len <= max_len, got {cfg.min_len}, {cfg.max_len}")
-    if cfg.max_len > num_items:
-        raise ValueError(f"synthetic_dataset: max_len={cfg.max_len} exceeds num_items={num_items}; items do not repeat")
-    probs = (cfg.p_series, cfg.p_stay, cfg.p_sibling, cfg.p_department)
-    if any(not 0 <= p <= 1 for p in probs) or cfg.p_stay + cfg.p_sibling + cfg.p_department > 1:
-        raise ValueError("synthetic_dataset: probabilities must be in [0, 1] and p_stay + p_sibling + "
-                         "p_department <= 1")
-    rng = np.random.default_rng([int(seed), 0x7167])
-    tops, mids, kws, styles = _syn_names(cfg)
-    T, M, S = cfg.num_top, cfg.num_mid, cfg.num_leaf
-    n_leaves = T * M * S
-    # leaf of each item: balanced, shuffled so item ids carry no category information
-    leaf_of = rng.permutation(np.arange(num_items) % n_leaves)
-    brands = [["".join(rng.choice(_SYN_SYLL, size=rng.integers(2, 4))).capitalize() for _ in range(4)]
-              for _ in range(T)]
-    mid_price = np.exp(rng.normal(3.2, 0.8, size=(T, M)))
-    items = []
-    pop = np.empty(num_items)
-    pop[rng.permutation(num_items)] = 1.0 / np.arange(1, num_items + 1) ** cfg.zipf  # Zipf popularity
-    for j in range(num_items):
-        lf = int(leaf_of[j])
-        t, m, s = lf // (M * S), (lf // S) % M, lf % S
-        leaf_name = f"{styles[s]} {mids[t][m]}"
-        words = kws[t][m].split()
-        brand = brands[t][int(rng.integers(len(brands[t])))]
-        adj = _SYN_ADJ[int(rng.integers(len(_SYN_ADJ)))]
-        model = f"{chr(65 + int(rng.integers(26)))}{int(rng.integers(100, 1000))}"
-        singular = mids[t][m].lower()[:-1] if mids[t][m].endswith("s") else mids[t][m].lower()
-        items.append({
-            "title": f"{brand} {leaf_name} {model}",
-            "brand": brand,
-            "categories": [tops[t], mids[t][m], leaf_name],
-            "price": round(float(mid_price[t, m] * np.exp(rng.normal(0.0, 0.25))), 2),
-            "description": (f"{'An' if adj[0] in 'aeiou' else 'A'} {adj} {styles[s].lower()} {singular} for "
-                            f"{words[0]} and {words[1]}. Part of the {tops[t].lower()} range, made for "
-                            f"{' '.join(words)}."),
-        })
-    # per-leaf item lists (the fixed series cycle order) with popularity cumulative weights
-    leaf_items = [[] for _ in range(n_leaves)]
-    for j in rng.permutation(num_items):
-        leaf_items[int(leaf_of[j])].append(int(j))
-    succ = np.empty(num_items, dtype=np.int64)
-    for lst in leaf_items:
-        for a, b in zip(lst, lst[1:] + lst[:1]):
-            succ[a] = b
-    leaf_cum = [np.cumsum(pop[lst]) for lst in leaf_items]
-    nonempty = np.array([lf for lf in range(n_leaves) if leaf_items[lf]], dtype=np.int64)
-    leaf_w = np.array([pop[leaf_items[lf]].sum() for lf in nonempty])
-    leaf_w_cum = np.cumsum(leaf_w)
-
-    def siblings(lf, level):  # non-empty leaves sharing the product type (level 1) / department (2)
-        span = S if level == 1 else M * S
-        base = lf - lf % span
-        return [x for x in range(base, base + span) if x != lf and leaf_items[x]]
-
-    sib_cache: dict = {}
-
-    def draw_in_leaf(lf, seen):
-        lst, cum = leaf_items[lf], leaf_cum[lf]
-        for _ in range(8):
-            j = lst[min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), len(lst) - 1)]
-            if j not in seen:
-                return j
-        free = [j for j in lst if j not in seen]
-        return free[int(rng.integers(len(free)))] if free else None
-
-    p_geo = 1.0 / max(1.0, cfg.mean_len - cfg.min_len + 1)
-    seqs = []
-    for _u in range(num_users):
-        length = min(cfg.max_len, cfg.min_len + int(rng.geometric(p_geo)) - 1)
-        lf = int(nonempty[min(int(np.searchsorted(leaf_w_cum, rng.random() * leaf_w_cum[-1], side="right")),
-                              len(nonempty) - 1)])
-        seq: list[int] = []
-        seen: set[int] = set()
-        while len(seq) < length:
-            j = None
-            if seq and rng.random() < cfg.p_series and int(succ[seq[-1]]) not in seen:
-                j = int(succ[seq[-1]])
-            elif seq:
-                r = rng.random()
-                if r >= cfg.p_stay:
-                    level = 1 if r < cfg.p_stay + cfg.p_sibling else (
-                        2 if r < cfg.p_stay + cfg.p_sibling + cfg.p_department else 3)
-                    if level == 3:
-                        cand = nonempty
-                    else:
-                        key = (lf, level)
-                        if key not in sib_cache:
-                            sib_cache[key] = siblings(lf, level)
-                        cand = sib_cache[key]
-                    if len(cand):
-                        lf = int(cand[int(rng.integers(len(cand)))])
-            if j is None:
-                j = draw_in_leaf(lf, seen)
-            if j is None:  # the leaf is exhausted for this user: any unseen item
-                j = int(rng.integers(num_items))
-                while j in seen:
-                    j = int(rng.integers(num_items))
-            lf = int(leaf_of[j])
-            seq.append(j)
-            seen.add(j)
-        seqs.append(np.array(seq, dtype=np.int64))
-    return Dataset("synthetic", np.arange(num_items, dtype=np.int64), items,
-                   np.arange(num_users, dtype=np.int64), seqs)
-
-
-# ================================================================================================
-# Synthetic latents for scale benchmarks
-# ================================================================================================
-_LATENT_BLOCK = 1 << 16  # rows per independently seeded block: output never depends on chunking
-
-
-def _latent_centers(dim: int, clusters: int, seed: int, spread: float) -> np.ndarray:
-    rng = np.random.default_rng([int(seed), 0, 0])
-    coarse_n = max(1, int(round(math.sqrt(clusters))))
-    coarse = rng.standard_normal((coarse_n, dim))
-    fine = coarse[np.arange(clusters) % coarse_n] + spread * rng.standard_normal((clusters, dim))
-    return fine.astype(np.float32)
-
-
-def _latent_block(b: int, centers: np.ndarray, seed: int, noise: float) -> np.ndarray:
-    rng = np.random.default_rng([int(seed), 1, int(b)])
-    c = rng.integers(len(centers), size=_LATENT_BLOCK)
-    x = rng.standard_normal((_LATENT_BLOCK, centers.shape[1]), dtype=np.float32)
-    x *= np.float32(noise)
-    x += centers[c]
-    return x
-
-
-def _check_latent_args(n, dim, clusters, seed, offset, noise):
-    for k, v, lo in (("n", n, 0), ("dim", dim, 1), ("clusters", clusters, 1), ("seed", seed, 0), ("offset", offset, 0)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
-            raise ValueError(f"synthetic_latents: {k} must be an int >= {lo}, got {v!r}")
-    if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
-        raise ValueError(f"synthetic_latents: noise must be a finite float >= 0, got {noise!r}")
-
-
-def synthetic_latents(n: int, dim: int = 32, clusters: int = 256, seed: int = 0, *, offset: int = 0,
-                      noise: float = 0.3, spread: float = 0.5) -> np.ndarray:
-    """Rows ``offset .. offset+n-1`` of an endless clustered latent stream: float32 (n, dim).
-
-    Two-level Gaussian mixture (``round(sqrt(clusters))`` coarse centres ~ N(0, 1); ``clusters``
-    fine centres = coarse + ``spread``·N(0, 1); row = a uniformly chosen fine centre +
-    ``noise``·N(0, 1)) — the kind of structure a residual quantizer sees.  Row ``r`` depends only on
-    ``(seed, r, dim, clusters, noise, spread)``: generated in fixed blocks of 65,536 rows, each
-    from its own seeded generator, so any chunking of the stream gives identical rows.
-    """
-    _check_latent_args(n, dim, clusters, seed, offset, noise)
-    centers = _latent_centers(dim, clusters, seed, spread)
-    out = np.empty((n, dim), dtype=np.float32)
-    r = offset
-    while r < offset + n:
-        b = r // _LATENT_BLOCK
-        lo = r - b * _LATENT_BLOCK
-        take = min(_LATENT_BLOCK - lo, offset + n - r)
-        out[r - offset: r - offset + take] = _latent_block(b, centers, seed, noise)[lo: lo + take]
-        r += take
-    return out
-
-
-def iter_synthetic_latents(n: int, dim: int = 32, clusters: int = 256, seed: int = 0, *,
-                           chunk_size: int = 1 << 20, noise: float = 0.3,
-                           spread: float = 0.5) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(start, float32 (rows, dim))`` chunks covering rows ``0..n-1`` of
-    :func:`synthetic_latents` in bounded memory (one chunk at a time; for 100M+ rows)."""
-    _check_latent_args(n, dim, clusters, seed, 0, noise)
-    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"iter_synthetic_latents: chunk_size must be a positive int, got {chunk_size!r}")
-    for start in range(0, n, chunk_size):
-        yield start, synthetic_latents(min(chunk_size, n - start), dim, clusters, seed, offset=start,
-                                       noise=noise, spread=spread)
-
-
-# ================================================================================================
-# One string spec
-# ================================================================================================
-_SPEC_HELP = ('dataset spec must be one of: "synthetic", "synthetic:items=2000,users=3000,seed=0", '
-              '"beauty" (default data dir), "beauty:<dir>", "scientific" (default data dir), '
-              '"lcrec:<dir>:<name>", "amazon2014:<reviews.json.gz>:<meta.json.gz>", '
-              '"tables:<items>:<interactions>"')
-
-
-def _parse_scalar(v: str):
-    for conv in (int, float):
-        try:
-            return conv(v)
-        except ValueError:
-            pass
-    return v
-
-
-def load_dataset(spec: str) -> Dataset:
-    """Load a dataset from a one-string spec (used by the CLI); see ``_SPEC_HELP`` for the forms.
-
-    ``synthetic`` options: ``items``, ``users``, ``seed`` and any :class:`SyntheticConfig` field.
-    Two-path specs split at the last ``:``.  ``beauty``/``scientific`` alone use
-    :func:`default_data_dir`.
-    """
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(_SPEC_HELP)
-    kind, _, rest = spec.partition(":")
-    kind = kind.lower()
-    if kind == "synthetic":
-        kwargs: dict[str, Any] = {}
-        alias = {"items": "num_items", "users": "num_users"}
-        for part in filter(None, rest.split(",")):
-            k, eq, v = part.partition("=")
-            if not eq:
-                raise ValueError(f"synthetic spec option {part!r} must be key=value; {_SPEC_HELP}")
-            kwargs[alias.get(k.strip(), k.strip())] = _parse_scalar(v.strip())
-        return synthetic_dataset(**kwargs)
-    if kind == "beauty":
-        return load_beauty(rest or default_data_dir() / "amazon-beauty-2014")
-    if kind == "scientific" and not rest:
-        return load_lcrec(default_data_dir() / "amazon-scientific-2018", "Scientific")
-    if kind in ("lcrec", "amazon2014", "tables"):
-        a, sep, b = rest.rpartition(":")
-        if not sep or not a or not b:
-            raise ValueError(f"{kind} spec needs two parts separated by ':'; {_SPEC_HELP}")
-        if kind == "lcrec":
-            return load_lcrec(a, b)
-        if kind == "amazon2014":
-            return load_amazon2014(a, b)
-        return load_tables(a, b)
-    raise ValueError(f"unknown dataset spec {spec!r}; {_SPEC_HELP}")

