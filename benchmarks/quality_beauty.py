@@ -32,68 +32,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 PAPER = {"recall@5": 0.0454, "ndcg@5": 0.0321, "recall@10": 0.0648, "ndcg@10": 0.0384}
-
-
-def temperature_table(model, dataset, table, temps, *, max_users, sample_seeds=(0,)):
-    """Recall@10 / Entropy@10 per temperature setting on the same users, with the paired
-    comparisons behind the per-level claim: each per-level setting (h, h, l, l) against T = 1
-    (entropy) and against uniform T = h (Recall@10 loss), as mean per-user differences with their
-    standard errors (paired over users; the Philox noise is keyed by (seed, user), so every setting
-    sees the same noise).  ``sample_seeds``: sampling seeds whose per-user Recall/Entropy are
-    averaged (more seeds, less sampling noise in the comparisons)."""
-    from tiger_fast.evaluate import evaluate_retriever
-    from tiger_fast.metrics import entropy_at_k, ndcg_at_k, recall_at_k
-
-    if max_users is not None and max_users < len(dataset.sequences) and len(sample_seeds) > 1:
-        raise SystemExit("several --sample-seeds need all users (--aux-users >= the number of users): "
-                         "the seed also draws the user sample")
-    cats = dataset.leaf_categories()
-    per, rows = {}, []
-    for t in temps:
-        recs, ents, ndcgs, covs = [], [], [], []
-        for s in ((sample_seeds[0],) if t is None else sample_seeds):
-            r = evaluate_retriever(model, dataset, table, "test", ks=(10,), k=10, temperature=t,
-                                   max_users=max_users, seed=s, return_rankings=True)
-            recs.append(recall_at_k(r["rankings"], r["targets"], 10, reduction="none"))
-            ents.append(entropy_at_k(r["rankings"], cats, 10, reduction="none"))
-            ndcgs.append(ndcg_at_k(r["rankings"], r["targets"], 10))
-            covs.append(r["coverage@10"])
-        rec, ent = torch.stack(recs).mean(0), torch.stack(ents).mean(0)
-        name = "beam" if t is None else "/".join(f"{x:g}" for x in r["temperature"])
-        per[name] = (rec, ent, r["temperature"])
-        rows.append({"temperature": r["temperature"], "recall@10": float(rec.mean()),
-                     "ndcg@10": float(np.mean(ndcgs)), "entropy@10": float(ent.mean()),
-                     "coverage@10": float(np.mean(covs)), "num_examples": int(rec.numel()),
-                     "sample_seeds": 1 if t is None else len(sample_seeds)})
-
-    def paired(a, b):
-        d = (a - b).double()
-        return {"mean": float(d.mean()), "se": float(d.std() / d.numel() ** 0.5)}
-
-    claims = []
-    for name, (rec, ent, t) in per.items():
-        if t is None or len(set(t)) == 1 or "1/1/1/1" not in per:
-            continue
-        uni = "/".join(f"{t[0]:g}" for _ in t)
-        if uni not in per:
-            continue
-        c = {"per_level": name, "uniform_high": uni,
-             "entropy_minus_T1": paired(ent, per["1/1/1/1"][1]),
-             "recall_minus_uniform_high": paired(rec, per[uni][0]),
-             "recall_minus_T1": paired(rec, per["1/1/1/1"][0])}
-        # the claim: more entropy than T = 1, and a smaller recall loss than the uniform high T
-        # (both by more than two standard errors)
-        c["more_entropy_than_T1"] = c["entropy_minus_T1"]["mean"] > 2 * c["entropy_minus_T1"]["se"]
-        c["less_recall_loss_than_uniform_high"] = (c["recall_minus_uniform_high"]["mean"]
-                                                   > 2 * c["recall_minus_uniform_high"]["se"])
-        claims.append(c)
-    return rows, claims
 
 
 def main(argv=None):
@@ -139,13 +82,12 @@ def main(argv=None):
     from tiger_fast.coldstart import assign_cold_ids, evaluate_cold_start, split_cold_items
     from tiger_fast.data import default_data_dir, load_beauty
     from tiger_fast.embed import embed_dataset
-    from tiger_fast.evaluate import (evaluate_popularity, evaluate_retriever,
-                                     invalid_rate_unconstrained)
-    from tiger_fast.ids import IdTable, semantic_id_report
+    from tiger_fast.evaluate import (evaluate_popularity, evaluate_retriever, invalid_rate_unconstrained,
+                                     temperature_table)
+    from tiger_fast.ids import IdTable, code_branching, semantic_id_report
     from tiger_fast.layout import TokenLayout
     from tiger_fast.pipeline import PipelineConfig, leaf_categories_by_row, train_tiger
     from tiger_fast.rqvae import RQVAEConfig, RQVAETrainConfig, train_rqvae
-    from temperature_levels import branching
 
     t0 = time.perf_counter()
     out: dict = {"args": vars(a), "paper": PAPER}
@@ -180,7 +122,7 @@ def main(argv=None):
     out["rqvae"] = {"seconds": time.perf_counter() - t, "final": rq_hist[-1] if rq_hist else None}
     out["semantic_ids"] = {**table.report(), **semantic_id_report(table, leaf_categories_by_row(full, table))}
     # choices per trie level: where a level has one valid code, its temperature cannot matter
-    out["trie_branching"] = branching(table.codes)
+    out["trie_branching"] = code_branching(table.codes)
     say(f"semantic IDs: {json.dumps(out['semantic_ids'], default=str)[:400]}")
     save()
 

@@ -12,39 +12,23 @@ demo's data, so it needs nothing downloaded).
 For each layout: RQ-VAE IDs -> the demo's small T5 (tiger_fast.pipeline.demo_config) trained for
 --budget-s -> beam search and sampled top-10 at uniform T = 1/2/3 and per-level (2, 2, .5, .5),
 (3, 3, .5, .5) over all test users, averaged over --sample-seeds, with the paired per-user
-comparisons of quality_beauty.temperature_table (means and standard errors).  On Amazon Beauty
+comparisons of tiger_fast.evaluate.temperature_table (means and standard errors).  On Amazon Beauty
 with the paper's 256-code levels, 82 % of the (c0, c1) prefixes have a single valid c2 and 99 % of
 the (c0, c1, c2) prefixes a single valid c3 (README), which is why the claim could not show there.
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
 TEMPERATURES = [None, 1.0, 2.0, 3.0, (2.0, 2.0, 0.5, 0.5), (3.0, 3.0, 0.5, 0.5)]
-
-
-def branching(codes: torch.Tensor) -> list[dict]:
-    """codes int64 (N, L) -> per level l: the prefixes of length l, the mean number of distinct
-    valid codes after one, and the share of prefixes with exactly one."""
-    out = []
-    for level in range(codes.shape[1]):
-        children = collections.defaultdict(set)
-        for row in codes.tolist():
-            children[tuple(row[:level])].add(row[level])
-        sizes = [len(v) for v in children.values()]
-        out.append({"level": level, "prefixes": len(sizes), "mean_choices": sum(sizes) / len(sizes),
-                    "share_single_choice": sum(s == 1 for s in sizes) / len(sizes)})
-    return out
 
 
 def main(argv=None):
@@ -59,12 +43,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
 
-    from quality_beauty import temperature_table
-
-    from tiger_fast.synthetic import synthetic_dataset
-    from tiger_fast.evaluate import evaluate_popularity
+    from tiger_fast.evaluate import evaluate_popularity, temperature_table
+    from tiger_fast.ids import code_branching
     from tiger_fast.layout import TokenLayout
     from tiger_fast.pipeline import build_semantic_ids, demo_config, embeddings_for, train_tiger
+    from tiger_fast.synthetic import synthetic_dataset
 
     cfg = demo_config(time_budget_s=a.budget_s)
     cfg.seed = a.seed
@@ -80,7 +63,7 @@ def main(argv=None):
         model, hist = train_tiger(ds, table, cfg, progress=False)
         rows, claims = temperature_table(model, ds, table, TEMPERATURES, max_users=None,
                                          sample_seeds=tuple(a.sample_seeds))
-        res = {"codebook_sizes": sizes, "branching": branching(table.codes),
+        res = {"codebook_sizes": sizes, "branching": code_branching(table.codes),
                "training_steps": hist.get("final_step"), "table": rows, "claims": claims}
         out["layouts"].append(res)
         print(f"[{time.perf_counter() - t0:6.0f} s] codebooks {sizes}: {hist.get('final_step')} steps", flush=True)

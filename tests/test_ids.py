@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tiger_fast.ids import IdTable, assign_collision_tokens, semantic_id_report
+from tiger_fast.ids import IdTable, assign_collision_tokens, code_branching, semantic_id_report
 from tiger_fast.layout import TokenLayout
 
 
@@ -207,3 +207,17 @@ def test_semantic_id_report_exact_counts():
     assert r["share_prefix"][2] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="one category per row"):
         semantic_id_report(t, cats[:-1])
+
+
+@pytest.mark.parametrize("as_tensor", [True, False], ids=["tensor", "numpy"])
+def test_code_branching_counts_choices_per_level(as_tensor):
+    # prefixes: level 0 one empty prefix -> codes {0, 1}; level 1: (0,) -> {0, 2}, (1,) -> {5};
+    # level 2: (0,0) -> {1}, (0,2) -> {1, 3}, (1,5) -> {0} (a duplicate row changes nothing)
+    codes = np.array([[0, 0, 1], [0, 2, 1], [0, 2, 3], [1, 5, 0], [1, 5, 0]])
+    got = code_branching(torch.from_numpy(codes) if as_tensor else codes)
+    assert got == [
+        {"level": 0, "prefixes": 1, "mean_choices": 2.0, "share_single_choice": 0.0},
+        {"level": 1, "prefixes": 2, "mean_choices": 1.5, "share_single_choice": 0.5},
+        {"level": 2, "prefixes": 3, "mean_choices": 4 / 3, "share_single_choice": 2 / 3},
+    ]
+    assert code_branching(np.zeros((0, 3), dtype=np.int64)) == []

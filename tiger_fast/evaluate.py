@@ -45,6 +45,7 @@ __all__ = [
     "unconstrained_beam_search",
     "invalid_rate_unconstrained",
     "entropy_vs_temperature",
+    "temperature_table",
 ]
 
 
@@ -337,6 +338,65 @@ def entropy_vs_temperature(model, dataset, id_table, temperatures=(None, 1.0, 1.
 
 
 # ---- unconstrained decoding (invalid-ID rate) ---------------------------------------------------
+def temperature_table(model, dataset, id_table, temps, *, max_users, sample_seeds=(0,)):
+    """Recall@10 / Entropy@10 per temperature setting on the same users, with the paired
+    comparisons behind the per-level claim: each per-level setting (h, h, l, l) against T = 1
+    (entropy) and against uniform T = h (Recall@10 loss), as mean per-user differences with their
+    standard errors (paired over users; the Philox noise is keyed by (seed, user), so every setting
+    sees the same noise).  ``sample_seeds``: sampling seeds whose per-user Recall/Entropy are
+    averaged (more seeds, less sampling noise in the comparisons).
+
+    ``temps``: settings as :func:`evaluate_retriever` takes them (None = beam search); ``id_table``: the
+    IdTable.  Returns ``(rows, claims)``: one dict per setting (recall@10, ndcg@10, entropy@10,
+    coverage@10, num_examples) and one dict per per-level setting with the paired differences
+    (``mean``, ``se``) and the two booleans of the claim.
+    """
+    if max_users is not None and max_users < len(dataset.sequences) and len(sample_seeds) > 1:
+        raise ValueError("sample_seeds: several seeds need all users (max_users None or >= the number of "
+                         "users): the seed also draws the user sample")
+    cats = dataset.leaf_categories()
+    per, rows = {}, []
+    for t in temps:
+        recs, ents, ndcgs, covs = [], [], [], []
+        for s in ((sample_seeds[0],) if t is None else sample_seeds):
+            r = evaluate_retriever(model, dataset, id_table, "test", ks=(10,), k=10, temperature=t,
+                                   max_users=max_users, seed=s, return_rankings=True)
+            recs.append(M.recall_at_k(r["rankings"], r["targets"], 10, reduction="none"))
+            ents.append(M.entropy_at_k(r["rankings"], cats, 10, reduction="none"))
+            ndcgs.append(M.ndcg_at_k(r["rankings"], r["targets"], 10))
+            covs.append(r["coverage@10"])
+        rec, ent = torch.stack(recs).mean(0), torch.stack(ents).mean(0)
+        name = "beam" if t is None else "/".join(f"{x:g}" for x in r["temperature"])
+        per[name] = (rec, ent, r["temperature"])
+        rows.append({"temperature": r["temperature"], "recall@10": float(rec.mean()),
+                     "ndcg@10": float(np.mean(ndcgs)), "entropy@10": float(ent.mean()),
+                     "coverage@10": float(np.mean(covs)), "num_examples": int(rec.numel()),
+                     "sample_seeds": 1 if t is None else len(sample_seeds)})
+
+    def paired(a, b):
+        d = (a - b).double()
+        return {"mean": float(d.mean()), "se": float(d.std() / d.numel() ** 0.5)}
+
+    claims = []
+    for name, (rec, ent, t) in per.items():
+        if t is None or len(set(t)) == 1 or "1/1/1/1" not in per:
+            continue
+        uni = "/".join(f"{t[0]:g}" for _ in t)
+        if uni not in per:
+            continue
+        c = {"per_level": name, "uniform_high": uni,
+             "entropy_minus_T1": paired(ent, per["1/1/1/1"][1]),
+             "recall_minus_uniform_high": paired(rec, per[uni][0]),
+             "recall_minus_T1": paired(rec, per["1/1/1/1"][0])}
+        # the claim: more entropy than T = 1, and a smaller recall loss than the uniform high T
+        # (both by more than two standard errors)
+        c["more_entropy_than_T1"] = c["entropy_minus_T1"]["mean"] > 2 * c["entropy_minus_T1"]["se"]
+        c["less_recall_loss_than_uniform_high"] = (c["recall_minus_uniform_high"]["mean"]
+                                                   > 2 * c["recall_minus_uniform_high"]["se"])
+        claims.append(c)
+    return rows, claims
+
+
 def _model_device(model) -> torch.device:
     try:
         return next(model.parameters()).device

@@ -27,7 +27,7 @@ import torch
 
 from .layout import TokenLayout
 
-__all__ = ["assign_collision_tokens", "IdTable", "semantic_id_report"]
+__all__ = ["assign_collision_tokens", "IdTable", "semantic_id_report", "code_branching"]
 
 _FORMAT = "tiger_fast.id_table/1"
 
@@ -521,4 +521,24 @@ def semantic_id_report(id_table: IdTable, leaf_categories) -> dict:
         pairs, same = _same_label_pairs(g, labels)
         out["share_prefix"][p] = same / pairs if pairs else float("nan")
         out["pairs_sharing_prefix"][p] = pairs
+    return out
+
+
+def code_branching(codes) -> list[dict]:
+    """How much choice the ID trie leaves at each level.
+
+    codes: int (N, L) tensor or array, one semantic ID per row.  Returns, per level l = 0..L-1,
+    ``{"level": l, "prefixes": number of distinct prefixes of length l, "mean_choices": mean number
+    of distinct codes that follow one such prefix, "share_single_choice": share of prefixes
+    followed by exactly one code}``.
+    """
+    rows = np.asarray(codes).tolist()
+    out = []
+    for level in range(len(rows[0]) if rows else 0):
+        children: dict = {}
+        for row in rows:
+            children.setdefault(tuple(row[:level]), set()).add(row[level])
+        sizes = [len(v) for v in children.values()]
+        out.append({"level": level, "prefixes": len(sizes), "mean_choices": sum(sizes) / len(sizes),
+                    "share_single_choice": sum(s == 1 for s in sizes) / len(sizes)})
     return out
