@@ -1,19 +1,22 @@
-"""Retriever training throughput on Amazon Beauty: uniform random batches (the paper) vs
-length-bucketed batches (TrainConfig.length_buckets), side by side in one run (not a test).
+"""Retriever training throughput on Amazon Beauty, side by side in one run (not a test): numeric
+precision (fp32 / bf16 autocast), length-bucketed batches and the other speed options of
+``TrainConfig``, each trained for the same steps on the same batches from the same initial weights.
 
-Beauty's training histories average 28 encoder tokens but a random batch pads to its longest (81),
-so most encoder work is padding.  This times ``--steps`` optimizer steps of the chosen T5 for each
-setting on the same examples and reports steps/s, examples/s, the padded-to-real token ratio, and
-the wall time the paper's schedule (200k steps x 256) would take at that rate.
+For every setting it reports steps/s (median over ``--repeat`` alternated rounds, so machine load
+hits every setting alike), ``final_loss`` (mean training loss over the last ``--steps // 4``
+steps: the same batches for every setting with the same ``length_buckets``), ``heldout_loss_fp32``
+(the trained model's fp32 loss on a fixed batch of 1,024 training examples: what was learned,
+measured the same way for every setting), and the padded-to-real encoder token ratio.
 
-    python benchmarks/bench_train.py --json train.json                 # paper-size T5, batch 256
-    python benchmarks/bench_train.py --model small --batch-size 64 --steps 200
+    python benchmarks/bench_train.py --precisions fp32 bf16 --json train.json          # paper-size T5
+    python benchmarks/bench_train.py --model small --batch-size 64 --steps 200 --precisions fp32 bf16
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -22,23 +25,23 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-SMALL = {"d_model": 64, "num_heads": 4, "d_kv": 16, "d_ff": 256, "num_encoder_layers": 2, "num_decoder_layers": 2}
 
-
-def padded_ratio(lengths: torch.Tensor, order, batch_size: int) -> float:
-    """Encoder tokens computed (each batch padded to its longest) / real tokens, one epoch."""
-    p = order.perm(0)
-    padded = sum(int(lengths[b].max()) * len(b) for b in torch.split(p, batch_size))
-    return padded / int(lengths.sum())
+def padded_ratio(lengths: torch.Tensor, batches: list[torch.Tensor]) -> float:
+    """Encoder tokens computed (each batch padded to its longest) / real tokens."""
+    padded = sum(int(lengths[b].max()) * len(b) for b in batches)
+    real = sum(int(lengths[b].sum()) for b in batches)
+    return padded / real
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="Beauty directory (default: $TIGER_FAST_DATA or ../shared/data)")
-    p.add_argument("--model", default="paper", choices=["paper", "small"])
+    p.add_argument("--model", default="paper", help="model preset (tiger_fast.pipeline.MODEL_PRESETS)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per setting (after 2 warm-up steps)")
-    p.add_argument("--buckets", type=int, nargs="+", default=[0, 64], help="length_buckets settings to compare")
+    p.add_argument("--steps", type=int, default=16, help="timed steps per setting and round (after 2 warm-up steps)")
+    p.add_argument("--repeat", type=int, default=2, help="alternated rounds; steps/s is the median")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--buckets", type=int, nargs="+", default=[64], help="length_buckets settings to compare")
     p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
@@ -47,9 +50,10 @@ def main(argv=None):
     from tiger_fast.data import default_data_dir, load_beauty
     from tiger_fast.ids import IdTable
     from tiger_fast.layout import TokenLayout
+    from tiger_fast.pipeline import model_preset
     from tiger_fast.sequences import leave_one_out, tokenize_split
     from tiger_fast.t5 import T5, paper_config
-    from tiger_fast.train import TrainConfig, _Order, train_retriever
+    from tiger_fast.train import ExampleOrder, TrainConfig, train_retriever
 
     ds = load_beauty(a.data or default_data_dir() / "amazon-beauty-2014")
     layout = TokenLayout()
@@ -58,31 +62,47 @@ def main(argv=None):
     table = IdTable.from_rq_codes(layout, ds.item_ids, rng.integers(0, 256, size=(len(ds.item_ids), 3)))
     ex = tokenize_split(leave_one_out(ds).train, ds, layout, table)
     lengths = ex.attention_mask.sum(1)
-    cfg_t5 = paper_config(layout, **({} if a.model == "paper" else SMALL))
-    out = {"benchmark": "train", "model": a.model, "parameters": None, "batch_size": a.batch_size,
-           "threads": a.threads, "examples": len(lengths), "mean_encoder_tokens": float(lengths.float().mean()),
-           "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None, "runs": []}
-    for w in a.buckets:
-        model = T5(cfg_t5, seed=0)
-        out["parameters"] = model.num_parameters()
-        ratio = padded_ratio(lengths, _Order(len(lengths), 0, lengths=lengths, window=w, batch_size=a.batch_size),
-                             a.batch_size)
-        train_retriever(model, ex, config=TrainConfig(batch_size=a.batch_size, max_steps=2, length_buckets=w,
-                                                      eval_every=10 ** 9), progress=False)  # warm-up
-        model = T5(cfg_t5, seed=0)
-        t0 = time.perf_counter()
-        train_retriever(model, ex, config=TrainConfig(batch_size=a.batch_size, max_steps=a.steps, length_buckets=w,
-                                                      eval_every=10 ** 9), progress=False)
-        dt = time.perf_counter() - t0
+    cfg_t5 = paper_config(layout, **model_preset(a.model))
+    held = torch.randperm(len(ex), generator=torch.Generator().manual_seed(123))[:1024]
+    held_batch = ex.batch(held)
+    out = {"benchmark": "train", "model": a.model, "t5": cfg_t5.to_dict(), "parameters": None,
+           "batch_size": a.batch_size, "threads": a.threads, "examples": len(lengths),
+           "mean_encoder_tokens": float(lengths.float().mean()),
+           "loadavg_start": os.getloadavg(), "runs": []}
+    settings = [(pr, w) for w in a.buckets for pr in a.precisions]
+    times = {s: [] for s in settings}
+    result = {}
+    for rnd in range(a.repeat):
+        for pr, w in settings:
+            base = dict(batch_size=a.batch_size, length_buckets=w, eval_every=10 ** 9, precision=pr,
+                        log_every=max(1, a.steps // 4), warmup_steps=100, lr=1e-3)
+            train_retriever(T5(cfg_t5, seed=0), ex, config=TrainConfig(max_steps=2, **base), progress=False)
+            model = T5(cfg_t5, seed=0)
+            out["parameters"] = model.num_parameters()
+            t0 = time.perf_counter()
+            hist = train_retriever(model, ex, config=TrainConfig(max_steps=a.steps, **base), progress=False)
+            times[(pr, w)].append(time.perf_counter() - t0)
+            if rnd == 0:  # every round trains the same steps on the same batches
+                model.eval()
+                with torch.no_grad():
+                    held_loss = float(model.loss(*held_batch, 0))
+                order = ExampleOrder(len(ex), 0, lengths=lengths, window=w, batch_size=a.batch_size)
+                batches = [order.batch(s, a.batch_size) for s in range(a.steps)]
+                result[(pr, w)] = {"final_loss": hist["loss"][-1][1], "heldout_loss_fp32": held_loss,
+                                   "padded_to_real_encoder_tokens": padded_ratio(lengths, batches)}
+    for pr, w in settings:
+        dt = statistics.median(times[(pr, w)])
         sps = a.steps / dt
-        run = {"length_buckets": w, "steps": a.steps, "seconds": dt, "steps_per_s": sps,
-               "examples_per_s": sps * a.batch_size, "padded_to_real_encoder_tokens": ratio,
+        run = {"precision": pr, "length_buckets": w, "steps": a.steps, "seconds": times[(pr, w)],
+               "steps_per_s": sps, "examples_per_s": sps * a.batch_size, **result[(pr, w)],
                "paper_schedule_hours": 200_000 * 256 / (sps * a.batch_size) / 3600}
         out["runs"].append(run)
         print(json.dumps(run), flush=True)
-    if len(out["runs"]) > 1:
-        out["speedup_vs_first"] = [r["steps_per_s"] / out["runs"][0]["steps_per_s"] for r in out["runs"]]
-        print("speed-up vs", a.buckets[0], ":", out["speedup_vs_first"])
+    out["loadavg_end"] = os.getloadavg()
+    first = out["runs"][0]["steps_per_s"]
+    out["speedup_vs_first"] = [r["steps_per_s"] / first for r in out["runs"]]
+    print("speed-up vs", settings[0], ":", [f"{x:.2f}" for x in out["speedup_vs_first"]],
+          "loadavg", out["loadavg_start"], out["loadavg_end"])
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:

@@ -18,6 +18,23 @@ import torch
 from .layout import TokenLayout
 
 
+# T5 shapes the CLI (`tiger-fast train --model-size`) and the benchmarks name; overrides of
+# t5.paper_config.  "paper": the TIGER paper's 4 + 4 layers, d_model 128, 6 heads x 64, MLP 1024.
+MODEL_PRESETS = {
+    "paper": {},
+    "small": {"d_model": 64, "num_heads": 4, "d_kv": 16, "d_ff": 256, "num_encoder_layers": 2,
+              "num_decoder_layers": 2},
+    "6x6": {"num_encoder_layers": 6, "num_decoder_layers": 6},
+}
+
+
+def model_preset(name: str) -> dict:
+    """The T5 overrides of preset ``name`` (a key of MODEL_PRESETS), as a new dict."""
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+    return dict(MODEL_PRESETS[name])
+
+
 @dataclass
 class PipelineConfig:
     """Knobs of one end-to-end run (defaults: the paper's architecture, CPU-sized schedules).

@@ -428,17 +428,17 @@ class T5(nn.Module):
         return self._decode(dec_ids, self._encode(input_ids, mask), mask).float()
 
     def loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-             decoder_start_id: int = 0) -> torch.Tensor:
+             decoder_start_id: int = 0, label_smoothing: float = 0.0) -> torch.Tensor:
         """Mean token cross-entropy (float32 scalar) of ``labels`` int64 (B, T) (-100 = ignored)
         given the encoder input; decoder input = [decoder_start_id] + labels[:, :-1] (T5's
-        shift-right with -100 replaced by pad).  No input checks: the training loop validates
-        its data once up front."""
+        shift-right with -100 replaced by pad).  The softmax and loss run in float32 also under
+        autocast.  No input checks: the training loop validates its data once up front."""
         dec_in = torch.empty_like(labels)
         dec_in[:, 0] = decoder_start_id
         dec_in[:, 1:] = labels[:, :-1].clamp(min=0)  # -100 -> pad (0)
         logits = self._decode(dec_in, self._encode(input_ids, attention_mask), attention_mask)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=-100)
+                               ignore_index=-100, label_smoothing=label_smoothing)
 
     # ---- incremental decoding -----------------------------------------------------------------
     def _build_decode_weights(self) -> dict:

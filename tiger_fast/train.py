@@ -63,7 +63,7 @@ from .sequences import Examples
 from .t5 import T5, T5Config, _atomic_write, save_t5
 
 __all__ = ["TrainConfig", "lr_at", "train_retriever", "latest_checkpoint", "load_checkpoint",
-           "init_distributed"]
+           "init_distributed", "ExampleOrder"]
 
 
 @dataclass
@@ -79,7 +79,18 @@ class TrainConfig:
     consecutive batches of an epoch's random order, examples are sorted by encoder length and the
     window's batches are then taken in a seeded random order, so each batch pads to similar lengths
     (Beauty: most histories are a few items, a random batch pads to 81 tokens).  Every epoch still
-    visits every example once."""
+    visits every example once.
+
+    schedule: "rsqrt" (the paper: constant ``lr`` for ``warmup_steps``, then 1/sqrt decay) or
+    "cosine" (linear warm-up from 0 over ``warmup_steps``, then cosine decay to
+    ``min_lr_ratio * lr`` at ``total_steps``).  total_steps: the cosine's length; None = max_steps,
+    or, with a ``time_budget_s``, planned once from the measured step rate after the first
+    ``PLAN_AFTER_STEPS`` steps so the decay ends with the budget (the plan is recorded in the
+    history and in checkpoints, so a resumed run follows the same schedule).
+    label_smoothing: cross-entropy label smoothing (0 = none).
+    eval_every_s: also validate whenever this many wall seconds passed since the last validation
+    (None = by steps only); patience: stop after this many validations without a new best
+    (None = never).  A time budget always ends with a validation, so no training is discarded."""
 
     batch_size: int = 256
     lr: float = 0.01
@@ -102,6 +113,12 @@ class TrainConfig:
     time_budget_s: float | None = None
     log_every: int = 100
     length_buckets: int = 0
+    schedule: str = "rsqrt"
+    total_steps: int | None = None
+    min_lr_ratio: float = 0.0
+    label_smoothing: float = 0.0
+    eval_every_s: float | None = None
+    patience: int | None = None
 
     def __post_init__(self):
         def pos_int(name, allow_zero=False):
@@ -129,6 +146,19 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.grad_clip must be None or > 0, got {self.grad_clip!r}")
         if self.optimizer not in ("adamw", "adafactor"):
             raise ValueError(f"TrainConfig.optimizer must be 'adamw' or 'adafactor', got {self.optimizer!r}")
+        if self.schedule not in ("rsqrt", "cosine"):
+            raise ValueError(f"TrainConfig.schedule must be 'rsqrt' or 'cosine', got {self.schedule!r}")
+        if self.total_steps is not None:
+            pos_int("total_steps")
+        if self.patience is not None:
+            pos_int("patience")
+        if not isinstance(self.min_lr_ratio, (int, float)) or not (0 <= self.min_lr_ratio <= 1):
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not isinstance(self.label_smoothing, (int, float)) or not (0 <= self.label_smoothing < 1):
+            raise ValueError(f"TrainConfig.label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.eval_every_s is not None and (not isinstance(self.eval_every_s, (int, float))
+                                              or isinstance(self.eval_every_s, bool) or self.eval_every_s <= 0):
+            raise ValueError(f"TrainConfig.eval_every_s must be None or > 0 seconds, got {self.eval_every_s!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"TrainConfig.precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.best_mode not in ("max", "min"):
@@ -148,15 +178,31 @@ class TrainConfig:
 
 # fields that must match when resuming (changing them would not continue the same run)
 _RESUME_FIXED = ("batch_size", "lr", "warmup_steps", "optimizer", "weight_decay", "betas", "adam_eps",
-                 "grad_clip", "seed", "precision", "length_buckets")
+                 "grad_clip", "seed", "precision", "length_buckets", "schedule", "min_lr_ratio",
+                 "label_smoothing")
+# checkpoints written before an option existed hold its default
+_RESUME_DEFAULTS = {"length_buckets": 0, "schedule": "rsqrt", "min_lr_ratio": 0.0, "label_smoothing": 0.0}
+# a time-budgeted cosine schedule is planned from the step rate measured over this many steps
+PLAN_AFTER_STEPS = 30
 
 
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Learning rate of the update with 0-based index ``step``:
-    lr * sqrt(warmup / max(step, warmup)) (constant while step < warmup; lr when warmup = 0 and step = 0)."""
+def lr_at(step: int, config: TrainConfig, total_steps: int | None = None) -> float:
+    """Learning rate of the update with 0-based index ``step``.
+
+    rsqrt: lr * sqrt(warmup / max(step, warmup)) (constant while step < warmup; lr when warmup = 0
+    and step = 0).  cosine: lr * (step + 1) / warmup during warm-up, then
+    lr * (m + (1 - m) * (1 + cos(pi * p)) / 2) with p = (step - warmup) / (total - warmup) clipped
+    to [0, 1] and m = min_lr_ratio; ``total_steps`` overrides ``config.total_steps`` / max_steps."""
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     w = config.warmup_steps
+    if config.schedule == "cosine":
+        if step < w:
+            return config.lr * (step + 1) / w
+        total = total_steps or config.total_steps or config.max_steps
+        frac = min(1.0, (step - w) / max(total - w, 1))
+        m = config.min_lr_ratio
+        return config.lr * (m + (1 - m) * 0.5 * (1 + math.cos(math.pi * frac)))
     if w == 0:
         return config.lr / math.sqrt(max(step, 1))
     return config.lr * math.sqrt(w / max(step, w))
@@ -168,7 +214,7 @@ def _seed_of(seed: int, tag: str, n: int) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
-class _Order:
+class ExampleOrder:
     """Infinite example order: per-epoch permutations seeded by (seed, epoch); with ``window`` > 0
     (TrainConfig.length_buckets) each window of ``window * batch_size`` positions is sorted by
     ``lengths`` and its batch-size blocks are shuffled (seeded by (seed, epoch, window))."""
@@ -360,8 +406,10 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
 
     Returns the history dict: ``loss`` [[step, mean loss since last log]], ``lr`` [[step, lr]],
     ``evals`` [{"step": s, **metrics}], ``best_step``, ``best_value``, ``best_metric``,
-    ``stopped`` ("max_steps" | "time_budget"), ``final_step``, ``resumed_from`` (step or None),
-    ``steps_per_s`` (this call)."""
+    ``stopped`` ("max_steps" | "time_budget" | "early_stopping" | "schedule_end"), ``final_step``,
+    ``resumed_from`` (step or None), ``steps_per_s`` (this call), ``planned_steps`` (the cosine
+    schedule's length, None for rsqrt), ``wall_s`` (training wall time, all calls); every
+    ``evals`` entry also has ``wall_s`` (wall time when it ran)."""
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if not isinstance(model, T5):
@@ -392,14 +440,15 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
     opt = _make_optimizer(model, cfg)
 
     history = {"loss": [], "lr": [], "evals": [], "best_step": None, "best_value": None,
-               "best_metric": cfg.best_metric, "stopped": None, "final_step": 0, "resumed_from": None}
+               "best_metric": cfg.best_metric, "stopped": None, "final_step": 0, "resumed_from": None,
+               "planned_steps": None, "wall_s": 0.0}
     start = 0
     if cfg.checkpoint_dir is not None:
         prefix = latest_checkpoint(cfg.checkpoint_dir)
         if prefix is not None:
             tensors, meta = load_checkpoint(prefix)
             old = meta["train_config"]
-            old = {"length_buckets": 0, **old}  # checkpoints from before that option
+            old = {**_RESUME_DEFAULTS, **old}
             diff = [k for k in _RESUME_FIXED if (list(old[k]) if k == "betas" else old[k]) !=
                     (list(getattr(cfg, k)) if k == "betas" else getattr(cfg, k))]
             if diff:
@@ -413,7 +462,7 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
             model.load_state_dict(msd, strict=True)
             opt.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
             start = int(meta["step"])
-            history = meta["history"]
+            history = {"planned_steps": None, "wall_s": 0.0, **meta["history"]}
             history["resumed_from"] = start
     if dist is not None:
         # every rank must resume from the same step (checkpoint_dir on a shared filesystem)
@@ -427,7 +476,7 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
             _ShardLoss(model), device_ids=[device.index] if device.type == "cuda" else None)
 
     n = len(train_examples)
-    order = _Order(n, cfg.seed, lengths=train_examples.attention_mask.sum(1).cpu(), window=cfg.length_buckets,
+    order = ExampleOrder(n, cfg.seed, lengths=train_examples.attention_mask.sum(1).cpu(), window=cfg.length_buckets,
                    batch_size=cfg.batch_size)
     ex = train_examples
     # keep the examples on the training device when they are small (avoids a copy per step)
@@ -441,6 +490,7 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
     def run_eval(step):
         if eval_fn is None:
             return
+        eval_clock[0] = time.monotonic()
         res = None
         if rank == 0:
             model.eval()
@@ -457,7 +507,7 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
         if cfg.best_metric not in res:
             raise ValueError(f"eval_fn returned {sorted(res)} but TrainConfig.best_metric is "
                              f"{cfg.best_metric!r}; set best_metric to one of them")
-        history["evals"].append({"step": step, **res})
+        history["evals"].append({"step": step, "wall_s": wall0 + time.monotonic() - t0, **res})
         if _better(res[cfg.best_metric], history["best_value"], cfg.best_mode):
             history["best_value"], history["best_step"] = res[cfg.best_metric], step
             if cfg.checkpoint_dir is not None and rank == 0:
@@ -466,13 +516,25 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
 
     best_state: list = [None]
     t0 = time.monotonic()
+    eval_clock = [t0]
+    wall0 = float(history.get("wall_s") or 0.0)  # wall time of earlier calls (resumed runs)
     step = start
     stopped = "max_steps"
     cuda_devs = [device.index or 0] if device.type == "cuda" else []
+    # the cosine schedule's length: fixed, or planned from the step rate under a time budget
+    plan_needed = (cfg.schedule == "cosine" and cfg.total_steps is None and cfg.time_budget_s is not None
+                   and history.get("planned_steps") is None)
+    if cfg.schedule == "cosine" and not plan_needed and history.get("planned_steps") is None:
+        history["planned_steps"] = cfg.total_steps or cfg.max_steps
+    plan_t0 = [None]
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.max_steps, initial=start, desc="train", dynamic_ncols=True)
+        if cfg.time_budget_s is not None:  # progress against the budget, not a step count it never reaches
+            bar = tqdm(total=round(cfg.time_budget_s), desc="train", unit="s", dynamic_ncols=True,
+                       bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of budget [{postfix}]")
+        else:
+            bar = tqdm(total=cfg.max_steps, initial=start, desc="train", dynamic_ncols=True)
     run_loss = torch.zeros((), device=device)
     run_n = 0
     last_eval = None
@@ -491,7 +553,14 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
                         break
                 torch.manual_seed(_seed_of(cfg.seed, "step", step) if dist is None
                                   else _seed_of(cfg.seed, f"step/rank{rank}/of{ws}", step))
-                lr = lr_at(step, cfg)
+                if plan_needed and step == start + PLAN_AFTER_STEPS // 2:
+                    plan_t0[0] = time.monotonic()  # after warm-up of the allocator / caches
+                if plan_needed and step == start + PLAN_AFTER_STEPS:
+                    history["planned_steps"] = _plan_steps(cfg, step, PLAN_AFTER_STEPS - PLAN_AFTER_STEPS // 2,
+                                                           time.monotonic() - plan_t0[0],
+                                                           time.monotonic() - t0, dist)
+                    plan_needed = False
+                lr = lr_at(step, cfg, history.get("planned_steps"))
                 for g in opt.param_groups:
                     g["lr"] = lr
                 idx = order.batch(step, cfg.batch_size).to(ex.input_ids.device)
@@ -499,12 +568,13 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
                     ids, mask, labels = ex.batch(idx)
                     ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
                     with autocast:
-                        loss = model.loss(ids, mask, labels, decoder_start)
+                        loss = model.loss(ids, mask, labels, decoder_start, cfg.label_smoothing)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                 else:
                     opt.zero_grad(set_to_none=True)
-                    loss = _ddp_backward(ddp, ex, idx, ws, rank, device, decoder_start, autocast)
+                    loss = _ddp_backward(ddp, ex, idx, ws, rank, device, decoder_start, autocast,
+                                         cfg.label_smoothing)
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
@@ -525,12 +595,27 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
                     if bar is not None:
                         bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
                 if bar is not None:
-                    bar.update(1)
-                if step % cfg.eval_every == 0:
+                    if cfg.time_budget_s is not None:
+                        bar.n = min(time.monotonic() - t0, cfg.time_budget_s)
+                        bar.set_postfix_str(f"step {step}" + (f"/{history['planned_steps']}"
+                                                              if history.get("planned_steps") else ""))
+                        bar.refresh()
+                    else:
+                        bar.update(1)
+                if step % cfg.eval_every == 0 or _eval_due(cfg, eval_clock[0], dist):
                     run_eval(step)
                     last_eval = step
+                    if cfg.patience is not None and history["best_step"] is not None and \
+                            _evals_since_best(history) >= cfg.patience:
+                        stopped = "early_stopping"
+                        break
+                if history.get("planned_steps") and step >= history["planned_steps"] and \
+                        cfg.schedule == "cosine":
+                    stopped = "schedule_end"
+                    break
                 if cfg.checkpoint_dir is not None and step % cfg.checkpoint_every == 0:
                     history["final_step"] = step
+                    history["wall_s"] = wall0 + time.monotonic() - t0
                     if rank == 0:
                         _save_checkpoint(cfg, model, opt, step, history)
                     if dist is not None:
@@ -543,11 +628,12 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
             dist.all_reduce(run_loss)
         history["loss"].append([step, float(run_loss) / run_n])
         history["lr"].append([step, lr_at(max(step - 1, 0), cfg)])
-    if stopped == "max_steps" and last_eval != step and step > start:
-        run_eval(step)
+    if last_eval != step and step > start:
+        run_eval(step)  # also at the end of a time budget: the last steps are never thrown away
     history["stopped"] = stopped
     history["final_step"] = step
     elapsed = time.monotonic() - t0
+    history["wall_s"] = wall0 + elapsed
     history["steps_per_s"] = (step - start) / elapsed if elapsed > 0 else None
     if cfg.checkpoint_dir is not None and step > start:
         if rank == 0:
@@ -561,6 +647,38 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
         _load_best_into(model, cfg.checkpoint_dir, layout)
     model.eval()
     return history
+
+
+def _plan_steps(cfg: TrainConfig, step: int, timed_steps: int, timed_s: float, spent_s: float, dist) -> int:
+    """Total steps of a time-budgeted cosine schedule: the steps that fit in what is left of the
+    budget at the rate measured over the last ``timed_steps`` steps, leaving 10 % of it for
+    validation, capped by max_steps.  Rank 0's estimate is used by every rank."""
+    rate = timed_steps / max(timed_s, 1e-9)
+    left = max(cfg.time_budget_s - spent_s, 0.0)
+    planned = min(cfg.max_steps, step + max(int(0.9 * left * rate), 1))
+    if dist is not None:
+        box = [planned]
+        dist.broadcast_object_list(box, src=0)
+        planned = box[0]
+    return max(planned, cfg.warmup_steps + 1)
+
+
+def _eval_due(cfg: TrainConfig, last_eval_clock: float, dist) -> bool:
+    """True when ``eval_every_s`` wall seconds passed since the last validation (rank 0's clock)."""
+    if cfg.eval_every_s is None:
+        return False
+    due = time.monotonic() - last_eval_clock >= cfg.eval_every_s
+    if dist is not None:
+        flag = torch.tensor([int(due)])
+        dist.broadcast(flag, src=0)
+        due = bool(flag.item())
+    return due
+
+
+def _evals_since_best(history: dict) -> int:
+    """Validations run after the one that gave the best value."""
+    steps = [e["step"] for e in history["evals"]]
+    return len(steps) - 1 - max(i for i, s in enumerate(steps) if s == history["best_step"])
 
 
 def _load_best_into(model: T5, checkpoint_dir: str, layout) -> None:
@@ -625,14 +743,14 @@ class _ShardLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids, mask, labels, decoder_start: int, scale: float):
+    def forward(self, ids, mask, labels, decoder_start: int, scale: float, label_smoothing: float = 0.0):
         if scale == 0:  # no target token in this shard: a finite stand-in loss (a mean over no
             labels = labels.clamp(min=0)  # token is NaN), times 0 -> zero gradients, DDP still syncs
-        return self.model.loss(ids, mask, labels, decoder_start) * scale
+        return self.model.loss(ids, mask, labels, decoder_start, label_smoothing) * scale
 
 
 def _ddp_backward(ddp, ex: Examples, idx: torch.Tensor, ws: int, rank: int, device, decoder_start: int,
-                  autocast=None) -> torch.Tensor:
+                  autocast=None, label_smoothing: float = 0.0) -> torch.Tensor:
     """One data-parallel forward/backward of the global batch ``idx`` int64 (B,) (the same on every
     rank): this rank takes the ``rank``-th of ``ws`` contiguous slices, its token-mean loss is
     scaled by ``ws * tokens_rank / tokens_global`` so that DDP's gradient average (all-reduce /
@@ -645,7 +763,7 @@ def _ddp_backward(ddp, ex: Examples, idx: torch.Tensor, ws: int, rank: int, devi
     ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
     w = int((labels != -100).sum()) / max(n_glob, 1)
     with (autocast if autocast is not None else _NullCtx()):
-        local = ddp(ids, mask, labels, decoder_start, w * ws)
+        local = ddp(ids, mask, labels, decoder_start, w * ws, label_smoothing)
     local.backward()  # DDP all-reduces (averages) the gradients over ranks here
     return local.detach() / ws
 
