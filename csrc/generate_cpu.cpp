@@ -14,10 +14,14 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <limits>
+#include <mutex>
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include <unistd.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -189,6 +193,28 @@ struct ErrorSlot {
   }
 };
 
+// A C++ exception (std::bad_alloc from a scratch buffer, ...) must not leave an OpenMP region:
+// that calls std::terminate and aborts the process.  Each row's work runs inside try/catch, the
+// first exception is kept here and rethrown after the region (pybind11 turns std::bad_alloc into
+// MemoryError).
+struct ExceptionSlot {
+  std::exception_ptr first;
+  std::mutex m;
+  void capture() {
+    std::lock_guard<std::mutex> g(m);
+    if (!first) first = std::current_exception();
+  }
+  void rethrow() const {
+    if (first) std::rethrow_exception(first);
+  }
+};
+
+// Upper bound on the candidates one row can have, to size scratch buffers from what exists
+// (B_in * S entries of logprobs) rather than from num_out alone.
+inline size_t heap_capacity(int64_t B_in, int64_t S, int64_t B_out) {
+  return static_cast<size_t>(std::min<int64_t>(B_out, B_in * S));
+}
+
 // ---- the two steps --------------------------------------------------------------------------------
 
 // Calls f(t) for every t in [0, S) with row[t] >= 0, in ascending t.  Deep trie levels are sparse
@@ -251,6 +277,26 @@ StepShapes check_common(const py::array_t<float>& logprobs, const py::array_t<fl
   return s;
 }
 
+// The outputs are R x num_out slots of `bytes_per_slot` bytes, all written (padding included).
+// Refuse up front with MemoryError when they could never fit in this machine's physical memory:
+// otherwise the allocation may succeed lazily (overcommit) and the padding writes get the process
+// killed.
+void check_output_size(int64_t R, int64_t B_out, int64_t bytes_per_slot) {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  if (R == 0 || pages <= 0 || page <= 0) return;
+  const unsigned __int128 need = static_cast<unsigned __int128>(R) * static_cast<uint64_t>(B_out) *
+                                 static_cast<uint64_t>(bytes_per_slot);
+  const unsigned __int128 have = static_cast<unsigned __int128>(pages) * static_cast<uint64_t>(page);
+  if (need > have) {
+    std::ostringstream m;
+    m << "num_out = " << B_out << " with R = " << R << " rows needs "
+      << static_cast<double>(need) / (1ull << 30) << " GiB of outputs, more than this machine's "
+      << static_cast<double>(have) / (1ull << 30) << " GiB of memory; lower num_out or the batch";
+    PyErr_SetString(PyExc_MemoryError, m.str().c_str());
+    throw py::error_already_set();
+  }
+}
+
 template <typename T>
 py::array_t<T> new_array(int64_t R, int64_t B) {
   return py::array_t<T>(std::vector<py::ssize_t>{static_cast<py::ssize_t>(R), static_cast<py::ssize_t>(B)});
@@ -264,6 +310,7 @@ py::tuple beam_select_step(py::object logprobs_o, py::object beam_scores_o, py::
   auto children = checked<int32_t>(children_o, "children", 2);
   const StepShapes s = check_common(logprobs, beam_scores, beam_nodes, children, num_out);
   const int nt = resolve_threads(num_threads);
+  check_output_size(s.R, s.B_out, 3 * 8 + 4);
 
   auto parent = new_array<int64_t>(s.R, s.B_out);
   auto token = new_array<int64_t>(s.R, s.B_out);
@@ -279,12 +326,14 @@ py::tuple beam_select_step(py::object logprobs_o, py::object beam_scores_o, py::
   float* o_score = score.mutable_data();
   int64_t* o_node = node.mutable_data();
   ErrorSlot err;
+  ExceptionSlot exc;
   {
     py::gil_scoped_release nogil;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 4) if (s.R > 1 && s.R * s.B_in * s.S >= kParallelMinWork)
     for (int64_t r = 0; r < s.R; ++r) {
+      try {
       TopK<float>& top = tls_scratch.topf;
-      top.reset(static_cast<size_t>(s.B_out));
+      top.reset(heap_capacity(s.B_in, s.S, s.B_out));
       bool bad = false;
       for (int64_t b = 0; b < s.B_in && !bad; ++b) {
         const int64_t nd = bn[r * s.B_in + b];
@@ -329,8 +378,12 @@ py::tuple beam_select_step(py::object logprobs_o, py::object beam_scores_o, py::
         pp[i] = pt[i] = pn[i] = -1;
         ps[i] = kNegInfF;
       }
+      } catch (...) {
+        exc.capture();
+      }
     }
   }
+  exc.rethrow();
   err.raise(s.n_nodes);
   return py::make_tuple(parent, token, score, node);
 }
@@ -376,6 +429,7 @@ py::tuple sample_select_step(py::object logprobs_o, py::object tempered_o, py::o
             "gumbel must have the shape of logprobs " + shape_str(logprobs) + ", got " + shape_str(gumbel));
   }
   const int nt = resolve_threads(num_threads);
+  check_output_size(s.R, s.B_out, 5 * 8 + 4);
 
   auto parent = new_array<int64_t>(s.R, s.B_out);
   auto token = new_array<int64_t>(s.R, s.B_out);
@@ -400,15 +454,18 @@ py::tuple sample_select_step(py::object logprobs_o, py::object tempered_o, py::o
   double* o_phi = phi.mutable_data();
   double* o_key = key.mutable_data();
   ErrorSlot err;
+  ExceptionSlot exc;
   {
     py::gil_scoped_release nogil;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 4) if (s.R > 1 && s.R * s.B_in * s.S >= kParallelMinWork)
     for (int64_t r = 0; r < s.R; ++r) {
+      try {
       Scratch& sc = tls_scratch;
       TopK<double>& top = sc.topd;
-      top.reset(static_cast<size_t>(s.B_out));
-      if (sc.g.size() < static_cast<size_t>(s.S)) sc.g.resize(static_cast<size_t>(s.S));
-      double* g = sc.g.data();
+      top.reset(heap_capacity(s.B_in, s.S, s.B_out));
+      // g holds one beam's S perturbed log-probs: sized only once a beam with a node is met (then
+      // its logprobs row of S floats exists, so S is backed by real memory)
+      double* g = nullptr;
       const uint64_t row_key = static_cast<uint64_t>(rk[r]);
       bool bad = false;
       for (int64_t b = 0; b < s.B_in && !bad; ++b) {
@@ -436,6 +493,10 @@ py::tuple sample_select_step(py::object logprobs_o, py::object tempered_o, py::o
         const double* grow = gn ? gn + (r * s.B_in + b) * s.S : nullptr;
         const int32_t* crow = ch + nd * s.S;
         const uint32_t e0 = static_cast<uint32_t>(b * s.S);
+        if (g == nullptr) {
+          if (sc.g.size() < static_cast<size_t>(s.S)) sc.g.resize(static_cast<size_t>(s.S));
+          g = sc.g.data();
+        }
         // Pass 1: perturbed tempered log-probs G' = (phi + tempered) + gumbel of the valid
         // children, and their maximum Z.
         double Z = kNegInfD;
@@ -482,8 +543,12 @@ py::tuple sample_select_step(py::object logprobs_o, py::object tempered_o, py::o
         o_phi[o + i] = kNegInfD;
         o_key[o + i] = kNegInfD;
       }
+      } catch (...) {
+        exc.capture();
+      }
     }
   }
+  exc.rethrow();
   err.raise(s.n_nodes);
   return py::make_tuple(parent, token, score, node, phi, key);
 }

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -447,3 +448,46 @@ def test_cuda_sources_compile(tmp_path):
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, f"nvcc failed:\n{p.stderr[-4000:]}"
         assert obj.stat().st_size > 0
+
+
+# ---- native faults (issue 14, item 5) ------------------------------------------------------------
+# Zero-size arrays with a huge S made sample_select_step size a scratch buffer of S doubles inside
+# its OpenMP region; the std::bad_alloc left the region and aborted the process (SIGABRT).  Run in a
+# subprocess so that an abort is reported as a failure instead of killing pytest.
+_ZERO_SIZE_HUGE_S = r"""
+import sys
+import numpy as np
+from tiger_fast import _generate_ext as ext
+R, B, S, K = 3, 0, 2 ** 40, 5
+lp = np.zeros((R, B, S), np.float32)
+z2 = lambda dt: np.zeros((R, B), dt)
+kids = np.zeros((0, S), np.int32)
+outs = [ext.sample_select_step(lp, lp, z2(np.float32), z2(np.float64), z2(np.float64), z2(np.int64), kids,
+                               K, 0, 0, np.zeros(R, np.int64), num_threads=2),
+        ext.beam_select_step(lp, z2(np.float32), z2(np.int64), kids, K, num_threads=2)]
+for o in outs:
+    assert o[0].shape == (R, K) and (o[0] == -1).all() and (o[1] == -1).all() and (o[3] == -1).all(), o
+    assert np.isneginf(o[2]).all()
+print("OK")
+"""
+
+
+def test_zero_size_arrays_with_huge_S_do_not_abort(ext):
+    p = subprocess.run([sys.executable, "-c", _ZERO_SIZE_HUGE_S], capture_output=True, text=True,
+                       timeout=60, cwd=ROOT)
+    assert p.returncode == 0 and p.stdout.strip() == "OK", (p.returncode, p.stderr[-2000:])
+
+
+@pytest.mark.parametrize("R,B,S", [(1, 0, 1), (2, 1, 3), (7, 0, 2 ** 31)])
+def test_outputs_beyond_memory_raise_memory_error(ext, R, B, S):
+    """num_out so large that the (R, num_out) outputs cannot fit: MemoryError naming num_out, before
+    anything is allocated (no lazily-committed buffer whose padding writes get the process killed)."""
+    lp = np.zeros((R, B, S), np.float32)
+    kids = np.full((1, S), -1, np.int32) if S < 2 ** 20 else np.zeros((0, S), np.int32)
+    z2 = lambda dt: np.zeros((R, B), dt)
+    huge = 2 ** 40
+    with pytest.raises(MemoryError, match="num_out"):
+        ext.beam_select_step(lp, z2(np.float32), z2(np.int64), kids, huge)
+    with pytest.raises(MemoryError, match="num_out"):
+        ext.sample_select_step(lp, lp, z2(np.float32), z2(np.float64), z2(np.float64), z2(np.int64), kids, huge,
+                               0, 0, np.zeros(R, np.int64))
