@@ -222,3 +222,143 @@ def test_workers_then_finish(setup, tmp_path):
     assert out.read_bytes() == (tmp_path / "ref.parquet").read_bytes()
     with pytest.raises(ValueError, match="worker must be"):
         assign_ids(model, d / "x.npy", out, worker=(3, 3), **kw)
+
+
+# --- work-dir ownership (issue 14, item 1): another model's chunks are never adopted -------------
+WIDE = TokenLayout(codebook_sizes=(5, 3, 2), collision_size=1024, num_user_tokens=7)
+
+
+@pytest.fixture(scope="module")
+def other_model(setup):
+    d, model, x, ids, _ = setup
+    torch.manual_seed(1)
+    m = RQVAE(CFG)
+    with torch.no_grad():
+        m.init_codebooks(torch.from_numpy(x[300:500]), iters=5, generator=torch.Generator().manual_seed(2))
+    return m
+
+
+def _kw(d, **extra):
+    return dict(ids=d / "ids.npy", layout=WIDE, chunk_size=128, encode_block=16, partition_rows=300,
+                backend="auto", progress=False, **extra)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(stage, index, action=None):
+    def cb(s, i):
+        if (s, i) == (stage, index):
+            if action is not None:
+                action()
+            raise _Stop()
+    return cb
+
+
+def test_removed_work_dir_is_not_recreated(setup, tmp_path):
+    """Run A finishing removes OUT.work while run B is still mapping: B's next chunk write must fail
+    clearly instead of recreating OUT.work/map/... without a manifest (which a third run adopted)."""
+    import shutil
+
+    d, model, *_ = setup
+    out = tmp_path / "o.parquet"
+    work = str(out) + ".work"
+    calls = []
+
+    def cb(s, i):
+        calls.append(i)
+        if (s, i) == ("map", 2):
+            shutil.rmtree(work)  # what the other run's cleanup does
+    with pytest.raises(ValueError, match="was removed while this run was using it"):
+        assign_ids(model, d / "x.npy", out, callback=cb, **_kw(d))
+    assert calls == [0, 1, 2] and not os.path.exists(work) and not out.exists()
+
+
+def test_unowned_work_dir_is_never_adopted(setup, other_model, tmp_path):
+    """A work dir holding model A's chunks but no manifest (the straggler's leftover) must not be
+    taken as fresh by a run with model B."""
+    d, model, *_ = setup
+    ref_b = tmp_path / "ref_b.parquet"
+    assign_ids(other_model, d / "x.npy", ref_b, **_kw(d))
+    out = tmp_path / "o.parquet"
+    with pytest.raises(_Stop):
+        assign_ids(model, d / "x.npy", out, callback=_stop_at("map", 5), **_kw(d))
+    work = str(out) + ".work"
+    for f in ("manifest.json", "lock"):
+        if os.path.exists(os.path.join(work, f)):
+            os.unlink(os.path.join(work, f))
+    with pytest.raises(ValueError, match="not created by assign_ids"):
+        assign_ids(other_model, d / "x.npy", out, **_kw(d))
+    assert not out.exists()
+    assign_ids(other_model, d / "x.npy", out, restart=True, **_kw(d))
+    assert out.read_bytes() == ref_b.read_bytes()
+
+
+def test_foreign_chunk_is_rejected_and_redone(setup, other_model, tmp_path):
+    """A chunk written into B's work dir by a straggler of model A's run is recomputed, not skipped."""
+    import shutil
+
+    d, model, *_ = setup
+    ref_b = tmp_path / "ref_b.parquet"
+    assign_ids(other_model, d / "x.npy", ref_b, **_kw(d))
+    a_out = tmp_path / "a.parquet"
+    assign_ids(model, d / "x.npy", a_out, keep_work=True, **_kw(d))
+    out = tmp_path / "o.parquet"
+    with pytest.raises(_Stop):
+        assign_ids(other_model, d / "x.npy", out, callback=_stop_at("map", 1), **_kw(d))
+    for c in ("c00000005", "c00000006"):
+        shutil.copytree(f"{a_out}.work/map/{c}", f"{out}.work/map/{c}")
+    rep = assign_ids(other_model, d / "x.npy", out, **_kw(d))
+    assert out.read_bytes() == ref_b.read_bytes()
+    assert out.read_bytes() != a_out.read_bytes()  # the models really give different IDs
+    assert rep["chunks_rejected"] == 2
+
+
+def test_work_dir_in_use_is_refused(setup, tmp_path):
+    """Two runs on one --out at the same time: the second is refused while the first holds the lock."""
+    import subprocess
+    import sys
+
+    d, model, *_ = setup
+    out = tmp_path / "o.parquet"
+    with pytest.raises(_Stop):
+        assign_ids(model, d / "x.npy", out, callback=_stop_at("map", 0), **_kw(d))
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.lockf(fd, fcntl.LOCK_EX); "
+        "print('locked', flush=True); sys.stdin.read()"), f"{out}.work/lock"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match="in use by another assign_ids run"):
+            assign_ids(model, d / "x.npy", out, **_kw(d))
+        with pytest.raises(ValueError, match="in use"):
+            assign_ids(model, d / "x.npy", out, worker=(0, 2), **_kw(d))
+        with pytest.raises(ValueError, match="in use"):
+            assign_ids(model, d / "x.npy", out, restart=True, **_kw(d))
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    rep = assign_ids(model, d / "x.npy", out, **_kw(d))
+    assert rep["rows"] == N
+
+
+@pytest.mark.parametrize("kind", ["dir", "devnull", "fifo"])
+def test_output_that_is_not_a_regular_file_is_refused(setup, tmp_path, kind):
+    """--out naming a directory, a device node or a FIFO is refused and left as it was (issue 14, 7)."""
+    d, model, *_ = setup
+    if kind == "dir":
+        out = tmp_path / "adir"
+        out.mkdir()
+    elif kind == "devnull":
+        out = tmp_path / "null"
+        os.symlink(os.devnull, out)  # the target /dev/null itself, reached through a link
+    else:
+        out = tmp_path / "fifo"
+        os.mkfifo(out)
+    before = os.stat(out)
+    with pytest.raises(ValueError, match="refusing to replace it"):
+        assign_ids(model, d / "x.npy", out, **_kw(d))
+    after = os.stat(out)
+    assert (before.st_mode, before.st_ino, before.st_dev) == (after.st_mode, after.st_ino, after.st_dev)
+    assert not os.path.exists(str(out) + ".work")

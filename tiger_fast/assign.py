@@ -27,11 +27,18 @@ blocks of ``encode_block`` rows aligned to the *global* row index (``chunk_size`
 multiple of it): a row's latent is computed in the same block with the same neighbours whatever
 the chunk size or resume point, so the output is identical (tested) across chunk sizes and restarts.
 
-Resumability.  ``work_dir/manifest.json`` records the run's parameters (source size and mtime,
-model fingerprint, layout, chunking); a restart with the same parameters skips finished chunks and
-partitions; a restart with different ones raises (use a fresh ``work_dir`` or ``restart=True``).
-A chunk or partition is finished exactly when its directory/file exists (renamed atomically), so a
-kill at any point loses at most the work in progress and never duplicates anything.
+Resumability and ownership.  ``work_dir`` is created complete (``manifest.json`` with the run's
+parameters: source size and mtime, model fingerprint, layout, chunking; a ``lock`` file; ``map/``,
+``reduce/``) by renaming a finished temporary directory, so it never exists without its manifest.
+Every run holds an fcntl lock on ``work_dir/lock`` while it works (exclusive for a final run, shared
+for ``worker=`` runs; a conflicting run is refused at once, not queued).  A restart with the same
+parameters skips finished chunks and partitions; one with different parameters, or a directory
+without the lock file (not created by assign_ids), raises (use a fresh ``work_dir`` or
+``restart=True``).  Each chunk / partition directory also records the run's fingerprint (a digest
+of the manifest): a piece written by another model or input (a straggling process of an earlier
+run) is rejected and recomputed, never adopted.  Chunk writes never recreate a removed work dir.
+A piece is finished exactly when its directory exists (renamed atomically), so a kill at any
+point loses at most the work in progress and never duplicates anything.
 
 Workers.  ``worker=(i, W)`` lets W processes or machines sharing ``work_dir`` map disjoint chunks
 concurrently (a chunk is owned by ``chunk % W``); a final call without ``worker`` maps anything
@@ -58,6 +65,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -66,6 +74,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .atomic import check_target, clean_stale_temps, fsync_dir, temp_name, write_atomic
 from .ids import _FORMAT as _IDS_FORMAT
 from .layout import TokenLayout
 from .rqvae import ENCODE_BLOCK, RQVAE, load_rqvae
@@ -74,6 +83,9 @@ __all__ = ["assign_ids", "EmbeddingSource", "open_source"]
 
 _MANIFEST_FORMAT = "tiger_fast.assign/1"
 _ROW_GROUP = 1 << 20  # rows per output row group
+_LOCK = "lock"  # work_dir/lock: fcntl lock held by every run using the work dir
+_FINGERPRINT = "fingerprint"  # in every chunk / partition directory: the run that wrote it
+_TEMP_NAME = re.compile(r"^\.(.+)\.tmp-\d+-[0-9a-f]{8}$")  # atomic.temp_name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,20 +250,43 @@ def _hash_ids(ids: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def _save_npy_atomic_dir(final_dir: str, arrays: dict) -> None:
-    """Write arrays as .npy files into ``final_dir``, which appears only when complete."""
-    tmp = final_dir + f".tmp{os.getpid()}"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    for name, a in arrays.items():
-        np.save(os.path.join(tmp, name + ".npy"), a, allow_pickle=False)
+def _save_npy_atomic_dir(final_dir: str, arrays: dict, fingerprint: str) -> None:
+    """Write arrays as .npy files plus a ``fingerprint`` file into ``final_dir``, which appears only
+    when complete (a temporary directory renamed into place; not fsynced: intermediate files
+    survive kill -9, after a power loss rerun with restart=True).  The parent directory must exist:
+    it is never recreated, so a work dir removed by another run is not resurrected."""
+    tmp = temp_name(final_dir)
     try:
-        os.rename(tmp, final_dir)
+        os.mkdir(tmp)
+    except FileNotFoundError:
+        raise ValueError(f"work directory {os.path.dirname(os.path.dirname(final_dir))!r} was removed while "
+                         "this run was using it (another run finished or restarted it); rerun") from None
+    try:
+        for name, a in arrays.items():
+            with open(os.path.join(tmp, name + ".npy"), "wb") as f:
+                np.save(f, a, allow_pickle=False)
+        with open(os.path.join(tmp, _FINGERPRINT), "w") as f:
+            f.write(fingerprint)
+        try:
+            os.rename(tmp, final_dir)
+        except OSError:
+            if not os.path.isdir(final_dir):
+                raise
+            shutil.rmtree(tmp)  # another worker finished the same piece first: same content
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _piece_ok(d: str, fingerprint: str) -> bool | None:
+    """None: ``d`` does not exist; True: a finished piece of this run; False: a foreign piece."""
+    if not os.path.isdir(d):
+        return None
+    try:
+        with open(os.path.join(d, _FINGERPRINT)) as f:
+            return f.read() == fingerprint
     except OSError:
-        if not os.path.isdir(final_dir):
-            raise
-        shutil.rmtree(tmp)  # another worker finished the same piece first: same content
+        return False
 
 
 def _split(keys: np.ndarray, part: np.ndarray, P: int, *cols):
@@ -342,7 +377,7 @@ def assign_ids(model, source, output, *, layout: TokenLayout | None = None, ids=
     if src.num_rows and src.dim != cfg.input_dim:
         raise ValueError(f"embeddings have dimension {src.dim} but the RQ-VAE expects input_dim "
                          f"{cfg.input_dim}; embed with the model the RQ-VAE was trained on")
-    output = os.fspath(output)
+    output = check_target(os.fspath(output), "output")
     work_dir = os.fspath(work_dir) if work_dir is not None else output + ".work"
     prefix_space = 1
     for k in cfg.codebook_sizes:
@@ -354,8 +389,17 @@ def assign_ids(model, source, output, *, layout: TokenLayout | None = None, ids=
     manifest = {"format": _MANIFEST_FORMAT, "source": src.fingerprint, "rows": n,
                 "model": _model_fingerprint(model), "layout": layout.to_dict(),
                 "chunk_size": chunk_size, "encode_block": encode_block, "partitions": P}
-    _prepare_work_dir(work_dir, manifest, restart)
+    lock_fd, fingerprint = _open_work_dir(work_dir, manifest, restart, exclusive=worker is None)
+    try:
+        return _run(model, src, layout, plan, work_dir, fingerprint, output, backend, device, progress,
+                    callback, worker, keep_work, t_start)
+    finally:
+        os.close(lock_fd)  # releases the lock (after the work dir is removed, for a final run)
 
+
+def _run(model, src, layout, plan, work_dir, fingerprint, output, backend, device, progress, callback,
+         worker, keep_work, t_start) -> dict:
+    n, chunk_size = plan.n, plan.chunk_size
     mine = [ci for ci in range(plan.num_chunks) if worker is None or ci % worker[1] == worker[0]]
     bar = None
     if progress:
@@ -364,58 +408,127 @@ def assign_ids(model, source, output, *, layout: TokenLayout | None = None, ids=
         bar = tqdm(total=rows, desc="assign ids" if worker is None else f"assign ids (worker {worker[0]})",
                    unit="item", unit_scale=True, smoothing=0.1)
     try:
-        mapped = _map_phase(model, src, plan, work_dir, backend, device, bar, callback, mine)
+        mapped, rejected = _map_phase(model, src, plan, work_dir, fingerprint, backend, device, bar, callback,
+                                      mine)
     finally:
         if bar is not None:
             bar.close()
     if worker is not None:
-        done = sum(os.path.isdir(os.path.join(work_dir, "map", f"c{ci:08d}")) for ci in range(plan.num_chunks))
+        done = sum(bool(_piece_ok(os.path.join(work_dir, "map", f"c{ci:08d}"), fingerprint))
+                   for ci in range(plan.num_chunks))
         secs = time.perf_counter() - t_start
         return {"worker": list(worker), "chunks_mapped": mapped, "rows_mapped": sum(
             min((ci + 1) * chunk_size, n) - ci * chunk_size for ci in mine), "chunks_finished": done,
-            "chunks_total": plan.num_chunks, "seconds": secs}
-    stats = _reduce_phase(layout, plan, work_dir, callback, progress)
+            "chunks_total": plan.num_chunks, "chunks_rejected": rejected, "seconds": secs}
+    stats = _reduce_phase(layout, plan, work_dir, fingerprint, callback, progress)
     _write_output(layout, plan, work_dir, output)
     if not keep_work:
         shutil.rmtree(work_dir, ignore_errors=True)
     secs = time.perf_counter() - t_start
     stats.update(rows=n, seconds=secs, items_per_second=n / secs if secs > 0 else float("nan"),
-                 output=output)
+                 output=output, chunks_rejected=rejected)
     return stats
 
 
-def _prepare_work_dir(work_dir: str, manifest: dict, restart: bool) -> None:
-    mpath = os.path.join(work_dir, "manifest.json")
+def _lock_work_dir(work_dir: str, exclusive: bool) -> int:
+    """Open and lock ``work_dir/lock`` (exclusive for a final run, shared for ``worker=`` runs,
+    never waiting); returns the file descriptor, whose closing releases the lock."""
+    import fcntl
+
+    lpath = os.path.join(work_dir, _LOCK)
+    try:
+        fd = os.open(lpath, os.O_RDWR)
+    except FileNotFoundError:
+        raise ValueError(f"work_dir {work_dir} exists but was not created by assign_ids (no lock file): it "
+                         "may be the leftover of a run that was removed while another one was writing. "
+                         "Remove it, choose another work_dir, or pass restart=True (CLI: --restart)") from None
+    try:
+        fcntl.lockf(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ValueError(f"work_dir {work_dir} is in use by another assign_ids run (a final run excludes every "
+                         "other run; worker= runs exclude final runs); wait for it to finish") from None
+    return fd
+
+
+def _create_work_dir(work_dir: str, manifest: dict) -> None:
+    """Create ``work_dir`` complete (manifest, lock file, map/, reduce/) by renaming a finished
+    temporary directory into place, so a work dir never exists without its manifest.  Losing the
+    race to a concurrent creator is fine (its manifest is then compared like any other)."""
+    parent = os.path.dirname(os.path.abspath(work_dir))
+    os.makedirs(parent, exist_ok=True)
+    clean_stale_temps(work_dir)
+    tmp = temp_name(work_dir)
+    os.mkdir(tmp)
+    try:
+        for sub in ("map", "reduce"):
+            os.mkdir(os.path.join(tmp, sub))
+        with open(os.path.join(tmp, _LOCK), "w"):
+            pass
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.rename(tmp, work_dir)
+        except OSError:
+            if not os.path.lexists(work_dir):
+                raise
+            shutil.rmtree(tmp)
+        fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _open_work_dir(work_dir: str, manifest: dict, restart: bool, exclusive: bool) -> tuple[int, str]:
+    """Own ``work_dir`` for this run: create it (with its manifest) or resume it when its manifest
+    equals ours, under the lock (see ``_lock_work_dir``).  Returns (lock fd, the run's fingerprint:
+    a digest of the manifest, i.e. of the model, the input file and the chunking)."""
     manifest = json.loads(json.dumps(manifest))  # tuples -> lists, as read back from the file
-    if restart and os.path.exists(work_dir):
+    fingerprint = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:32]
+    if restart and os.path.lexists(work_dir):
+        fd = (_lock_work_dir(work_dir, exclusive=True)
+              if os.path.exists(os.path.join(work_dir, _LOCK)) else None)
         shutil.rmtree(work_dir)
-    if os.path.exists(mpath):
-        with open(mpath) as f:
-            try:
+        if fd is not None:
+            os.close(fd)
+    for _ in range(10):
+        if not os.path.lexists(work_dir):
+            _create_work_dir(work_dir, manifest)
+        if not os.path.isdir(work_dir):
+            raise ValueError(f"work_dir {work_dir} exists and is not a directory")
+        fd = _lock_work_dir(work_dir, exclusive)
+        try:  # the locked file must still be the directory's lock (not one removed meanwhile)
+            same = os.path.samestat(os.fstat(fd), os.stat(os.path.join(work_dir, _LOCK)))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            continue
+        try:
+            with open(os.path.join(work_dir, "manifest.json")) as f:
                 old = json.load(f)
-            except json.JSONDecodeError:
-                old = None
+        except (OSError, ValueError):
+            old = None
         if old != manifest:
-            diff = sorted(k for k in manifest if old is None or old.get(k) != manifest[k])
+            os.close(fd)
+            diff = sorted(k for k in manifest if not isinstance(old, dict) or old.get(k) != manifest[k])
             raise ValueError(f"work_dir {work_dir} holds a run with different parameters ({diff}); "
-                             "pass restart=True to discard it, or use another work_dir")
-        return
-    # a fresh directory (other workers may be creating it right now: only our own entries allowed)
-    if os.path.exists(work_dir) and any(e not in ("map", "reduce") and not e.startswith("manifest.json.tmp")
-                                        for e in os.listdir(work_dir)):
-        raise ValueError(f"work_dir {work_dir} exists, is not empty and has no manifest; remove it or "
-                         "choose another work_dir")
-    os.makedirs(work_dir, exist_ok=True)
-    tmp = mpath + f".tmp{os.getpid()}-{os.urandom(4).hex()}"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, mpath)  # concurrent workers write identical manifests; the last rename wins
-    os.makedirs(os.path.join(work_dir, "map"), exist_ok=True)
-    os.makedirs(os.path.join(work_dir, "reduce"), exist_ok=True)
+                             "pass restart=True (CLI: --restart) to discard it, or use another work_dir")
+        for sub in ("map", "reduce"):
+            for e in os.listdir(os.path.join(work_dir, sub)):
+                m = _TEMP_NAME.match(e)
+                if m:
+                    clean_stale_temps(os.path.join(work_dir, sub, m.group(1)))
+        return fd, fingerprint
+    raise ValueError(f"work_dir {work_dir} keeps being removed by another run; rerun when it has finished")
 
 
-def _map_phase(model, src, plan: _Plan, work_dir, backend, device, bar, callback, chunks) -> int:
-    """Encode + quantize the given chunks that are not finished yet; returns how many it did."""
+def _map_phase(model, src, plan: _Plan, work_dir, fingerprint, backend, device, bar, callback,
+               chunks) -> tuple[int, int]:
+    """Encode + quantize the given chunks that are not finished yet; returns (how many it did, how
+    many finished-looking chunks it rejected and redid because another run had written them)."""
     from .quantize import quantize
 
     radix = np.ones(len(model.cfg.codebook_sizes), dtype=np.int64)
@@ -424,14 +537,18 @@ def _map_phase(model, src, plan: _Plan, work_dir, backend, device, bar, callback
         radix[l] = radix[l + 1] * sizes[l + 1]
     cbs = model.codebooks()
     blk = plan.encode_block
-    did = 0
+    did = rejected = 0
     for ci in chunks:
         cdir = os.path.join(work_dir, "map", f"c{ci:08d}")
         a, b = ci * plan.chunk_size, min((ci + 1) * plan.chunk_size, plan.n)
-        if os.path.isdir(cdir):  # finished before a restart
+        ok = _piece_ok(cdir, fingerprint)
+        if ok:  # finished by this run (or a worker of it) before a restart
             if bar is not None:
                 bar.update(b - a)
             continue
+        if ok is False:  # written by another model / input / chunking: never adopted
+            shutil.rmtree(cdir)
+            rejected += 1
         ids, x = src.read(a, b)
         if ids.shape[0] != b - a:
             raise ValueError(f"source returned {ids.shape[0]} rows for rows [{a}, {b})")
@@ -452,16 +569,16 @@ def _map_phase(model, src, plan: _Plan, work_dir, backend, device, bar, callback
         hpart = (_hash_ids(ids) % np.uint64(plan.P)).astype(np.int64)
         off_h, (hid_s,) = _split(ids, hpart, plan.P)
         _save_npy_atomic_dir(cdir, {"keys": keys_s, "ids": ids_s, "offsets": off_k,
-                                    "hids": hid_s, "hoffsets": off_h})
+                                    "hids": hid_s, "hoffsets": off_h}, fingerprint)
         did += 1
         if bar is not None:
             bar.update(b - a)
         if callback is not None:
             callback("map", ci)
-    return did
+    return did, rejected
 
 
-def _reduce_phase(layout: TokenLayout, plan: _Plan, work_dir, callback, progress) -> dict:
+def _reduce_phase(layout: TokenLayout, plan: _Plan, work_dir, fingerprint, callback, progress) -> dict:
     L = len(layout.codebook_sizes)
     cs = layout.collision_size
     used = [np.zeros(k, dtype=bool) for k in layout.codebook_sizes]
@@ -469,13 +586,19 @@ def _reduce_phase(layout: TokenLayout, plan: _Plan, work_dir, callback, progress
     unique_prefixes = colliding = max_group = 0
     hist: dict[int, int] = {}
     chunk_dirs = [os.path.join(work_dir, "map", f"c{ci:08d}") for ci in range(plan.num_chunks)]
+    for cdir in chunk_dirs:  # the map phase just checked them; this catches a change since
+        if not _piece_ok(cdir, fingerprint):
+            raise ValueError(f"{cdir} is missing or was written by another run; rerun to redo it")
     it = range(plan.P)
     if progress and plan.P > 1:
         from tqdm.auto import tqdm
         it = tqdm(it, desc="resolve collisions", unit="partition")
     for p in it:
         pdir = os.path.join(work_dir, "reduce", f"p{p:06d}")
-        if not os.path.isdir(pdir):
+        ok = _piece_ok(pdir, fingerprint)
+        if ok is False:
+            shutil.rmtree(pdir)
+        if not ok:
             keys, ids, hids = [], [], []
             for cdir in chunk_dirs:
                 off = np.load(os.path.join(cdir, "offsets.npy"))
@@ -503,7 +626,7 @@ def _reduce_phase(layout: TokenLayout, plan: _Plan, work_dir, callback, progress
                 raise ValueError(f"semantic-ID prefix {prefix} is shared by {size} items but collision_size "
                                  f"is {cs}. Use a larger TokenLayout.collision_size, more/larger RQ-VAE "
                                  "codebooks, or retrain the RQ-VAE (codebook collapse?)")
-            _save_npy_atomic_dir(pdir, {"keys": keys, "ids": ids, "cc": cc})
+            _save_npy_atomic_dir(pdir, {"keys": keys, "ids": ids, "cc": cc}, fingerprint)
             if callback is not None:
                 callback("reduce", p)
         keys = np.load(os.path.join(pdir, "keys.npy"))
@@ -534,9 +657,6 @@ def _write_output(layout: TokenLayout, plan: _Plan, work_dir, output) -> None:
     schema = pa.schema([(c, pa.int64()) for c in names]).with_metadata(
         {b"tiger_fast.format": _IDS_FORMAT.encode(),
          b"tiger_fast.layout": json.dumps(layout.to_dict()).encode()})
-    d = os.path.dirname(os.path.abspath(output))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".tmp-{os.path.basename(output)}-{os.getpid()}")
     # Row groups of exactly ROW_GROUP rows (the last one shorter) whatever the partitioning, so
     # the file's bytes do not depend on partition_rows / chunk_size.
     buf: list[np.ndarray] = []
@@ -556,7 +676,8 @@ def _write_output(layout: TokenLayout, plan: _Plan, work_dir, output) -> None:
         buf = [rows[k:]] if k < rows.shape[0] else []
         nbuf = rows.shape[0] - k
 
-    try:
+    def write(tmp):
+        nonlocal nbuf
         with pq.ParquetWriter(tmp, schema) as w:
             for p in range(plan.P):
                 pdir = os.path.join(work_dir, "reduce", f"p{p:06d}")
@@ -574,8 +695,5 @@ def _write_output(layout: TokenLayout, plan: _Plan, work_dir, output) -> None:
                 if nbuf >= _ROW_GROUP:
                     flush(w, final=False)
             flush(w, final=True)
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    write_atomic(output, write, what="output")
