@@ -1,12 +1,15 @@
 """tiger_fast: generative retrieval (TIGER, arXiv 2305.05065) with exact fast kernels.
 
-Public API (imported lazily so ``import tiger_fast`` stays cheap):
+Public API:
     TokenLayout           the token layout shared by every component (layout.py)
-    quantize              residual quantization, exact, dispatching to reference/cpu/triton
-    generate              trie-constrained beam search / per-level temperature sampling
+    quantize              residual quantization, exact, dispatching to reference/cpu/triton (quantize.py)
+    generate              trie-constrained beam search / per-level temperature sampling (generate.py)
+
+``tiger_fast.quantize`` and ``tiger_fast.generate`` are the functions (the package binds them after
+importing their modules, so ``import tiger_fast.quantize`` does not rebind the name); reach the
+modules themselves with ``from tiger_fast.quantize import ...`` or ``importlib.import_module``.
 """
 import os
-from importlib import import_module
 
 # OpenMP threads spin-wait after each parallel region by default.  When another process holds one of
 # the cores, a spinning or descheduled team member stalls every matrix product (batch-1 generate on
@@ -17,20 +20,9 @@ from importlib import import_module
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .layout import TokenLayout  # noqa: E402  (after the environment default above)
+from .quantize import quantize  # noqa: E402
+from .generate import generate  # noqa: E402
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "quantize": ("tiger_fast.quantize", "quantize"),
-    "generate": ("tiger_fast.generate", "generate"),
-}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        mod, attr = _LAZY[name]
-        return getattr(import_module(mod), attr)
-    raise AttributeError(f"module 'tiger_fast' has no attribute {name!r}")
-
-
-__all__ = ["TokenLayout", "__version__", *_LAZY]
+__all__ = ["TokenLayout", "__version__", "quantize", "generate"]

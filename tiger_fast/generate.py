@@ -28,13 +28,12 @@ for the one caveat about float64 transcendental functions).
 from __future__ import annotations
 
 import inspect
-import sys
-import types
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .backends import choose_backend, load_extension
 from .layout import TokenLayout
 from .reference import generate as ref
 from .trie import Trie
@@ -61,12 +60,8 @@ class GenerateResult:
 
 # ---- backends --------------------------------------------------------------------------------------
 def _load_ext():
-    try:
-        from . import _generate_ext  # type: ignore[attr-defined]
-        return _generate_ext, ""
-    except ImportError as e:  # not built
-        return None, (f"tiger_fast._generate_ext is not built ({e}); build it with "
-                      "`python setup.py build_ext --inplace`")
+    """The C++/CUDA module, or (None, reason)."""
+    return load_extension("generate")
 
 
 def backend_status(device=None) -> dict[str, str]:
@@ -87,15 +82,15 @@ def backend_status(device=None) -> dict[str, str]:
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    status = backend_status(device)
-    if backend == "auto":
-        order = ("cuda", "cpu", "reference") if device.type == "cuda" else ("cpu", "reference")
-        return next(b for b in order if status[b] == "")
-    if status[backend]:
-        raise RuntimeError(f"backend {backend!r} cannot run: {status[backend]}")
-    return backend
+    """The rule of :func:`tiger_fast.backends.choose_backend` over :func:`backend_status`."""
+    status: dict = {}
+
+    def why_not(name):
+        if not status:
+            status.update(backend_status(device))
+        return status[name]
+
+    return choose_backend(backend, BACKENDS, why_not, ("cuda", "cpu", "reference"))[0]
 
 
 class _CpuSelect:
@@ -453,15 +448,3 @@ def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beam
                          "table's); build the trie from this id_table and keep both in sync on add/remove")
     item_ids = torch.where(ok, id_table.item_ids[rows.clamp(min=0)], torch.full_like(rows, -1))
     return GenerateResult(item_ids=item_ids, codes=codes, scores=out.scores[:, :k].cpu(), rows=rows, backend=name)
-
-
-class _CallableModule(types.ModuleType):
-    """``tiger_fast.generate`` is both this module and the public function: importing the submodule
-    binds the package attribute ``tiger_fast.generate`` to the module (shadowing the lazy function
-    export of tiger_fast/__init__.py), so the module itself forwards calls to ``generate``."""
-
-    def __call__(self, *args, **kwargs):
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -20,13 +20,12 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import sys
-import types
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from .backends import choose_backend, load_extension
 from .reference.quantize import first_occurrence, quantize_levels
 
 __all__ = ["quantize", "available_backends", "explain_backend", "BACKENDS"]
@@ -39,13 +38,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ----------------------------------------------------------------------------------- backends
 def _load_ext():
     """The C++ module, or (None, reason)."""
-    try:
-        return importlib.import_module("tiger_fast._quantize_ext"), ""
-    except ImportError as exc:  # not built
-        return None, (
-            f"C++ extension tiger_fast._quantize_ext is not built ({exc}); build it with "
-            "`TIGER_FAST_STEMS=quantize python setup.py build_ext --inplace`"
-        )
+    return load_extension("quantize")
 
 
 def _load_triton():
@@ -95,37 +88,25 @@ def explain_backend(latents=None, backend: str = "auto") -> tuple:
     """Return (backend name that `quantize` would run, reason) for these latents.
 
     latents: optional tensor/array (only its device matters).  Raises ValueError for an unknown
-    backend, RuntimeError if an explicitly requested backend cannot run (with the reason).
+    backend, RuntimeError if an explicitly requested backend cannot run (with the reason); the rule
+    is :func:`tiger_fast.backends.choose_backend`'s.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     on_cuda = isinstance(latents, torch.Tensor) and latents.is_cuda
-    if backend == "reference":
-        return "reference", "requested"
-    if backend == "cpu":
-        ext, why = _load_ext()
-        if ext is None:
-            raise RuntimeError(f"backend='cpu' cannot run: {why}")
-        return "cpu", "requested"
-    if backend == "triton":
+
+    def why_not(name):
+        if name == "reference":
+            return ""
+        if name == "cpu":
+            return _load_ext()[1]
+        if backend == "auto" and not on_cuda:  # auto never sends CPU latents to the interpreter
+            return "latents are not on a CUDA device"
         ok, why = _triton_usable(on_cuda)
-        if not ok:
-            raise RuntimeError(f"backend='triton' cannot run: {why}")
-        return "triton", "requested" + (f" ({why})" if why else "")
-    # auto
-    reasons = []
-    if on_cuda:
-        ok, why = _triton_usable(True)
-        if ok:
-            return "triton", "CUDA latents and triton available"
-        reasons.append(f"triton: {why}")
-    else:
-        reasons.append("triton: latents are not on a CUDA device")
-    ext, why = _load_ext()
-    if ext is not None:
-        return "cpu", "; ".join(reasons + ["cpu extension available"])
-    reasons.append(f"cpu: {why}")
-    return "reference", "; ".join(reasons)
+        return "" if ok else why
+
+    name, why = choose_backend(backend, BACKENDS, why_not, ("triton", "cpu", "reference"))
+    if name == "triton" and not on_cuda:
+        why += " (CPU tensors through the Triton interpreter, TRITON_INTERPRET=1)"
+    return name, why
 
 
 # --------------------------------------------------------------------------------- validation
@@ -273,16 +254,3 @@ def quantize(latents, codebooks, *, backend: str = "auto", return_residuals: boo
     codes = codes.to(device=device, dtype=torch.int64)
     resid = resid.to(device)
     return (codes, resid) if return_residuals else codes
-
-
-class _CallableModule(types.ModuleType):
-    """`tiger_fast.quantize` names both this module and the function.  Importing the submodule
-    binds the package attribute to the module, so the lazy attribute in tiger_fast/__init__.py can
-    resolve to either; making the module callable keeps `tiger_fast.quantize(x, codebooks)` working
-    in every import order."""
-
-    def __call__(self, *args, **kwargs):
-        return quantize(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
