@@ -42,6 +42,33 @@ def _temperature(text):
     return vals[0] if len(vals) == 1 else vals
 
 
+def _temperatures(text):
+    """'beam;1;2;2,2,0.5,0.5' -> [None, 1.0, 2.0, (2.0, 2.0, 0.5, 0.5)] (the --temperatures settings)."""
+    out = []
+    for part in text.split(";"):
+        part = part.strip()
+        try:
+            t = None if part.lower() == "beam" else tuple(float(x) for x in part.split(","))
+        except ValueError:
+            t = ()
+        if t is not None and (not t or not all(0 < x < float("inf") for x in t)):
+            raise argparse.ArgumentTypeError(f"--temperatures: each ';'-separated setting must be 'beam', T > 0 or "
+                                             f"T0,T1,... > 0, got {part!r} in {text!r}")
+        out.append(t if t is None or len(t) > 1 else t[0])
+    return out
+
+
+def _plot_dir(text):
+    """--plot DIR: created if missing; refused unless writable and matplotlib (the [plot] extra) imports."""
+    from .plots import check_plot_dir, require_matplotlib
+
+    try:
+        require_matplotlib()
+        return check_plot_dir(text)
+    except (ImportError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
 def _load_ids(path, *, what="--ids"):
     from .ids import IdTable
 
@@ -196,6 +223,11 @@ def cmd_id_report(a):
     if a.data:
         ds = load_dataset_spec(a.data)
         rep.update(semantic_id_report(table, leaf_categories_by_row(ds, table)))
+    if a.plot:
+        from .plots import plot_id_report
+
+        rep["plots"] = plot_id_report(table, a.plot, semantic=rep if a.data else None,
+                                      title=os.path.basename(a.data or a.ids))
     _print_json(rep)
 
 
@@ -223,6 +255,9 @@ def cmd_train(a):
     save_t5(model.cpu(), table.layout, os.path.join(a.out, "model"))
     print(json.dumps({k: hist.get(k) for k in ("final_step", "stopped", "best_step", "best_value", "steps_per_s")}))
     print(f"wrote {os.path.join(a.out, 'model')}")
+    if a.plot:
+        from .plots import plot_training
+        print(f"wrote {plot_training(hist, os.path.join(a.plot, 'training.png'), title=a.data)}")
 
 
 def _resolve_model_dir(path):
@@ -233,14 +268,31 @@ def _resolve_model_dir(path):
 def cmd_evaluate(a):
     from .evaluate import evaluate_popularity, evaluate_retriever
 
+    if a.plot and not a.temperatures:
+        raise CliError("--plot: needs --temperatures (the decoding settings to plot)")
+    if a.sample_seeds and not a.temperatures:
+        raise CliError("--sample-seeds: applies to --temperatures only")
     ds = load_dataset_spec(a.data)
     table = _load_ids(a.ids)
+    levels = table.layout.num_levels
+    for t in a.temperatures or []:
+        if isinstance(t, tuple) and len(t) != levels:
+            raise CliError(f"--temperatures: setting {t} has {len(t)} values; give one T or {levels} (one per level)")
     model = _load_model(_resolve_model_dir(a.model), table)
     res = evaluate_retriever(model, ds, table, split=a.split, k=a.k, temperature=a.temperature,
                              max_users=a.max_users, seed=a.seed, backend=a.backend, progress=not a.quiet)
     out = {"tiger": {k: v for k, v in res.items() if isinstance(v, (int, float, str)) or v is None}}
     if a.popularity:
         out["popularity"] = evaluate_popularity(ds, split=a.split, max_users=a.max_users, seed=a.seed)
+    if a.temperatures:
+        from .plots import plot_temperature_tradeoff, temperature_points
+
+        out["temperatures"] = temperature_points(model, ds, table, a.temperatures,
+                                                 sample_seeds=a.sample_seeds or [a.seed], split=a.split, k=a.k,
+                                                 max_users=a.max_users, backend=a.backend, progress=not a.quiet)
+        if a.plot:
+            out["plot"] = plot_temperature_tradeoff(out["temperatures"], os.path.join(a.plot, "temperature_tradeoff.png"),
+                                                    k=a.k, title=a.data)
     _print_json(out)
 
 
@@ -345,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("id-report", cmd_id_report, "collisions, max collision depth, usage per level (+ semantic check with --data)")
     sp.add_argument("--ids", required=True)
     sp.add_argument("--data", default=None, help="dataset SPEC, for the leaf-category check")
+    sp.add_argument("--plot", type=_plot_dir, default=None, metavar="DIR",
+                    help="also write PNG pictures into DIR (codes per level, collision groups, trie branching, "
+                         "+ category agreement with --data; needs tiger_fast[plot])")
 
     sp = add("train", cmd_train, "train the T5 retriever (resumes from OUT/checkpoints)")
     sp.add_argument("--data", required=True)
@@ -363,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "0 = uniform random batches, as in the paper")
     sp.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda"])
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--plot", type=_plot_dir, default=None, metavar="DIR",
+                    help="also write DIR/training.png (loss, validation Recall/NDCG@10); needs tiger_fast[plot]")
 
     sp = add("evaluate", cmd_evaluate, "Recall/NDCG@5,10, Entropy@10, coverage on the leave-one-out split")
     data_ids_model(sp)
@@ -371,6 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--temperature", type=_temperature, default=None, help="none | T | T0,T1,T2,T3")
     sp.add_argument("--max-users", type=int, default=None)
     sp.add_argument("--popularity", action="store_true", help="also evaluate the popularity baseline")
+    sp.add_argument("--temperatures", type=_temperatures, default=None,
+                    help="also Recall/Entropy@K per decoding setting, ';'-separated: beam | T | T0,T1,T2,T3 "
+                         "(e.g. 'beam;1;2;2,2,0.5,0.5')")
+    sp.add_argument("--sample-seeds", type=int, nargs="+", default=None,
+                    help="sampling seeds for --temperatures (mean and spread over them; default: --seed)")
+    sp.add_argument("--plot", type=_plot_dir, default=None, metavar="DIR",
+                    help="write DIR/temperature_tradeoff.png from --temperatures; needs tiger_fast[plot]")
 
     sp = add("recommend", cmd_recommend, "top-K items for one user")
     data_ids_model(sp)
