@@ -242,6 +242,55 @@ def _mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return z.masked_fill(~mask, torch.finfo(dtype).min)[:, None, None, :]
 
 
+def _is_int8_linear(m) -> bool:
+    """True for a dynamically quantized Linear (``torch.ao.quantization.quantize_dynamic``): its
+    ``weight`` is a method returning a qint8 tensor, not a Parameter."""
+    return callable(getattr(m, "weight", None))
+
+
+class _Int8Matrix:
+    """``x @ W`` for a weight held as int8 with one scale per output channel, prepacked for
+    fbgemm (VNNI): ``x`` (..., in) float32 is quantized per call to uint8 with one scale for the
+    whole tensor (the batch), the product accumulates in int32 -> float32 (..., out).
+
+    Built from nn.Linear-like modules whose outputs are concatenated (fused products): a quantized
+    module keeps its own int8 values and scales exactly; a float one (or a bare (out, in) weight,
+    e.g. the tied embedding head) is quantized symmetrically per output row."""
+
+    def __init__(self, sources):
+        ints, scales = [], []
+        for m in sources:
+            if isinstance(m, torch.Tensor) or not _is_int8_linear(m):
+                w = (m if isinstance(m, torch.Tensor) else m.weight).detach().float()
+                sc = (w.abs().amax(1) / 127.0).clamp(min=1e-30).double()
+                ints.append(torch.round(w / sc[:, None].float()).clamp(-127, 127).to(torch.int8))
+                scales.append(sc)
+                continue
+            qw = m.weight()
+            ints.append(qw.int_repr())
+            if qw.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+                if qw.q_zero_point() != 0:
+                    raise ValueError("int8 decode needs symmetric weight quantization (zero point 0)")
+                scales.append(torch.full((qw.shape[0],), qw.q_scale(), dtype=torch.float64))
+            else:
+                if bool((qw.q_per_channel_zero_points() != 0).any()) or qw.q_per_channel_axis() != 0:
+                    raise ValueError("int8 decode needs symmetric per-output-channel weight quantization")
+                scales.append(qw.q_per_channel_scales().double())
+        q = torch._make_per_channel_quantized_tensor(torch.cat(ints), torch.cat(scales),
+                                                     torch.zeros(sum(i.shape[0] for i in ints), dtype=torch.int64), 0)
+        self.packed = torch.ops.quantized.linear_prepack(q, None)
+        self.shape = (q.shape[1], q.shape[0])  # (in, out), as the float matrices
+        self.dtype = torch.qint8
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self.packed)
+
+
+def _mm(x: torch.Tensor, w) -> torch.Tensor:
+    """x (..., in) @ w (in, out): a float matrix or an `_Int8Matrix`."""
+    return w(x) if isinstance(w, _Int8Matrix) else torch.matmul(x, w)
+
+
 # ------------------------------------------------------------------------------------------------
 # incremental decoding state
 # ------------------------------------------------------------------------------------------------
@@ -447,6 +496,8 @@ class T5(nn.Module):
         fused (d, L * 2 * h * dk); the lm head (d, V).  Why: a decode step multiplies few rows
         (batch 1: the 20 beams) by weights that are no longer in cache, and in this layout with
         fewer, larger products it ran ~10 % faster end to end (batch 1, benchmarks/bench_generate.py)."""
+        if any(_is_int8_linear(m) for m in self._decode_linears()):
+            return self._build_int8_decode_weights()
         t = lambda w: w.t().contiguous()
         layers = []
         for blk in self.decoder.layers:
@@ -459,23 +510,54 @@ class T5(nn.Module):
         head = t(self.shared.weight if self.lm_head is None else self.lm_head.weight)
         return {"layers": layers, "cross_kv": cross_kv, "head": head}
 
+    def _build_int8_decode_weights(self) -> dict:
+        """`_build_decode_weights` for a model whose Linear layers were dynamically quantized
+        (``torch.ao.quantization.quantize_dynamic``): the same fused products as `_Int8Matrix`
+        (the modules' own int8 values and scales; a tied head, an embedding, is quantized per
+        vocabulary row)."""
+        P = _Int8Matrix
+        layers = []
+        for blk in self.decoder.layers:
+            a, c, ff = blk.self_attn, blk.cross_attn, blk.ff
+            layers.append({"qkv": P([a.q, a.k, a.v]), "o": P([a.o]), "cross_q": P([c.q]), "cross_o": P([c.o]),
+                           "wi": P([ff.wi]), "wo": P([ff.wo])})
+        cross_kv = P([m for b in self.decoder.layers for m in (b.cross_attn.k, b.cross_attn.v)])
+        head = P([self.shared.weight if self.lm_head is None else self.lm_head])
+        return {"layers": layers, "cross_kv": cross_kv, "head": head}
+
+    def _decode_linears(self) -> list:
+        """The modules `_build_decode_weights` reads (looked up each time: .to(),
+        load_state_dict(assign=True) or quantize_dynamic may replace them)."""
+        mods = [m for blk in self.decoder.layers for a in (blk.self_attn, blk.cross_attn) for m in (a.q, a.k, a.v, a.o)]
+        mods += [m for blk in self.decoder.layers for m in (blk.ff.wi, blk.ff.wo)]
+        if self.lm_head is not None:
+            mods.append(self.lm_head)
+        return mods
+
     def _decode_weights(self) -> dict:
         """`_build_decode_weights`, kept between calls while no parameter changes (keyed by every
         parameter's storage and version counter: optimizer steps, load_state_dict and .to() all
-        change it).  With autograd on they are rebuilt each time so that gradients flow."""
+        change it).  With autograd on they are rebuilt each time so that gradients flow.
+        Under CPU/CUDA autocast the float matrices are kept in the autocast dtype (cast once, not
+        on every product)."""
         if torch.is_grad_enabled():
             return self._build_decode_weights()
-        # the parameters _build_decode_weights reads (looked up each time: .to() or
-        # load_state_dict(assign=True) may replace Parameter objects)
-        params = [p for blk in self.decoder.layers for m in (blk.self_attn, blk.cross_attn)
-                  for p in (m.q.weight, m.k.weight, m.v.weight, m.o.weight)]
-        params += [p for blk in self.decoder.layers for p in (blk.ff.wi.weight, blk.ff.wo.weight)]
-        params.append(self.shared.weight if self.lm_head is None else self.lm_head.weight)
+        dev = self.shared.weight.device
+        cast = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
         # (a dtype or device change allocates new storage, but check them too: addresses get reused)
-        key = (params[0].dtype, params[0].device, *[(p.data_ptr(), p._version) for p in params])
+        key = [cast, self.shared.weight.dtype, dev, self.shared.weight.data_ptr(), self.shared.weight._version]
+        for m in self._decode_linears():
+            key.append(("int8", id(m), id(m._packed_params)) if _is_int8_linear(m)
+                       else (m.weight.data_ptr(), m.weight._version))
+        key = tuple(key)
         cached = self.__dict__.get("_decode_weights_cache")
         if cached is None or cached[0] != key:
-            cached = (key, self._build_decode_weights())
+            w = self._build_decode_weights()
+            if cast is not None and cast != self.shared.weight.dtype:
+                c = lambda t: t.to(cast) if isinstance(t, torch.Tensor) else t
+                w = {"layers": [{k: c(v) for k, v in lw.items()} for lw in w["layers"]],
+                     "cross_kv": c(w["cross_kv"]), "head": c(w["head"])}
+            cached = (key, w)
             self.__dict__["_decode_weights_cache"] = cached
         return cached[1]
 
@@ -503,7 +585,7 @@ class T5(nn.Module):
         L = c.num_decoder_layers
         weights = self._decode_weights()
         # every layer's cross K/V in one product: (B*S, d) @ (d, L*2*h*dk)
-        kv = torch.matmul(enc.reshape(b * s, -1), weights["cross_kv"]).view(b, s, L, 2, c.num_heads, c.d_kv)
+        kv = _mm(enc.reshape(b * s, -1), weights["cross_kv"]).view(b, s, L, 2, c.num_heads, c.d_kv)
         cross = kv.permute(2, 3, 0, 4, 1, 5).contiguous()  # (L, 2, B, h, S, dk)
         self_kv = torch.zeros(int(max_length), L, 2, b, c.num_heads, c.d_kv, dtype=cross.dtype, device=w.device)
         return T5Cache(cross_kv=cross, enc_bias=_mask_bias(mask, cross.dtype), self_kv=self_kv, length=0,
@@ -536,25 +618,25 @@ class T5(nn.Module):
         for i, blk in enumerate(dec.layers):
             w = weights["layers"][i]
             a = blk.self_attn
-            qkv = torch.matmul(blk.self_norm(x), w["qkv"]).view(n, 3, a.h, a.dk)
+            qkv = _mm(blk.self_norm(x), w["qkv"]).view(n, 3, a.h, a.dk)
             kv[t, i] = qkv[:, 1:].transpose(0, 1)  # this token's K and V: (2, N, h, dk)
             # (t+1, N, h, dk) -> (N, h, t+1, dk) views
             out = F.scaled_dot_product_attention(qkv[:, 0].unsqueeze(2), kv[:t + 1, i, 0].permute(1, 2, 0, 3),
                                                  kv[:t + 1, i, 1].permute(1, 2, 0, 3),
                                                  attn_mask=bias.to(qkv.dtype), scale=1.0)
-            x = x + torch.matmul(out.reshape(n, -1), w["o"])
+            x = x + _mm(out.reshape(n, -1), w["o"])
             c = blk.cross_attn
             # a request's G rows are G queries against its one copy of the encoder K/V
-            q = torch.matmul(blk.cross_norm(x), w["cross_q"]).view(R, G, c.h, c.dk).transpose(1, 2)  # (R, h, G, dk)
+            q = _mm(blk.cross_norm(x), w["cross_q"]).view(R, G, c.h, c.dk).transpose(1, 2)  # (R, h, G, dk)
             out = F.scaled_dot_product_attention(q, cache.cross_kv[i, 0], cache.cross_kv[i, 1],
                                                  attn_mask=cache.enc_bias.to(q.dtype), scale=1.0)
-            x = x + torch.matmul(out.transpose(1, 2).reshape(n, -1), w["cross_o"])
-            x = x + torch.matmul(torch.relu_(torch.matmul(blk.ff_norm(x), w["wi"])), w["wo"])
+            x = x + _mm(out.transpose(1, 2).reshape(n, -1), w["cross_o"])
+            x = x + _mm(torch.relu_(_mm(blk.ff_norm(x), w["wi"])), w["wo"])
         cache.length = t + 1
         y = dec.final_norm(x)
         if self.config.scale_decoder_outputs:
             y = y * (self.config.d_model ** -0.5)
-        return torch.matmul(y, weights["head"]).float()
+        return _mm(y, weights["head"]).float()
 
     def select_beams(self, cache: T5Cache, parent: torch.Tensor, *, reuse: bool = False) -> T5Cache:
         """Beam step: row ``r * B + j`` of the result continues row ``r * cache.group + parent[r, j]``
