@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -45,7 +46,9 @@ class PipelineConfig:
     warmup_steps: constant-lr phase before inverse-sqrt decay (paper: 10k of 200k steps);
     eval_users: users sampled for validation during training (0 = no validation);
     length_buckets: TrainConfig.length_buckets (0 = uniform random batches);
-    device: where the retriever trains ("cpu", "cuda", "cuda:1")."""
+    device: where the retriever trains ("cpu", "cuda", "cuda:1");
+    schedule / weight_decay / label_smoothing / precision / eval_every_s / patience: the
+    TrainConfig fields of the same names (see tiger_fast.train)."""
     seed: int = 0
     rq_epochs: int = 50
     rq_lr: float = 1e-3
@@ -62,6 +65,35 @@ class PipelineConfig:
     embed_model: str | None = None
     cache_dir: str | None = None
     length_buckets: int = 0
+    schedule: str = "rsqrt"
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.0
+    precision: str = "fp32"
+    eval_every_s: float | None = None
+    patience: int | None = None
+
+
+# Training recipes by name (`tiger-fast train --preset`, benchmarks/quality.py --preset): fields
+# of PipelineConfig.  "paper": the TIGER paper's schedule (batch 256, lr 0.01 constant for 10k
+# steps then 1/sqrt, 200k steps).  "cpu": what validation on Beauty chose for a CPU budget
+# (benchmarks/quality.py; README "Quality"): the small T5, cosine decay sized to the time
+# budget, validation every few minutes with early stopping.
+RECIPES = {
+    "paper": {"t5": {}, "batch_size": 256, "lr": 0.01, "warmup_steps": 10_000, "steps": 200_000,
+              "schedule": "rsqrt", "weight_decay": 0.01, "length_buckets": 0},
+    "cpu": {"t5": MODEL_PRESETS["small"], "batch_size": 128, "lr": 0.003, "warmup_steps": 500,
+            "steps": 10_000_000, "schedule": "cosine", "weight_decay": 0.035, "length_buckets": 64,
+            "eval_every": 10_000_000, "eval_every_s": 300.0, "patience": 4, "eval_users": 2000},
+}
+
+
+def recipe(name: str, **overrides) -> PipelineConfig:
+    """PipelineConfig of recipe ``name`` (a key of RECIPES) with ``overrides`` applied."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(RECIPES)}")
+    kw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in RECIPES[name].items()}
+    kw.update(overrides)
+    return PipelineConfig(**kw)
 
 
 def embeddings_for(dataset, cfg: PipelineConfig, progress: bool = True) -> np.ndarray:
@@ -121,12 +153,42 @@ def train_tiger(dataset, id_table, cfg: PipelineConfig, *, checkpoint_dir: str |
     tcfg = TrainConfig(batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                        max_steps=cfg.steps, seed=cfg.seed, eval_every=cfg.eval_every,
                        time_budget_s=cfg.time_budget_s, checkpoint_dir=checkpoint_dir,
-                       checkpoint_every=max(cfg.eval_every, 100), device=cfg.device,
-                       length_buckets=cfg.length_buckets)
+                       checkpoint_every=min(max(cfg.eval_every, 100), 2000), device=cfg.device,
+                       length_buckets=cfg.length_buckets, schedule=cfg.schedule,
+                       weight_decay=cfg.weight_decay, label_smoothing=cfg.label_smoothing,
+                       precision=cfg.precision, eval_every_s=cfg.eval_every_s, patience=cfg.patience)
     history = train_retriever(model, examples, config=tcfg, eval_fn=eval_fn if cfg.eval_users else None,
                               progress=progress, layout=layout)
     model.eval()
+    history["warnings"] = sanity_warnings(history, dataset, cfg)
+    for w in history["warnings"]:
+        warnings.warn(w, stacklevel=2)
     return model, history
+
+
+def sanity_warnings(history: dict, dataset, cfg: PipelineConfig) -> list[str]:
+    """Plain-language warnings about a finished training run: no validation ran, the best model
+    does not beat the popularity list on the same validation users, or its validation
+    coverage@10 is below 1 % (it collapsed to recommending the same few items to everyone)."""
+    from .evaluate import evaluate_popularity
+
+    if not cfg.eval_users:
+        return ["no validation ran (eval_users = 0): nothing checked that the model beats popularity"]
+    best = [e for e in history.get("evals", []) if e["step"] == history.get("best_step")]
+    if not best:
+        return ["no validation ran before training stopped: raise the time budget or lower eval_every(_s)"]
+    best = best[0]
+    pop = evaluate_popularity(dataset, split="valid", max_users=cfg.eval_users, seed=cfg.seed)
+    out = []
+    if best.get("ndcg@10", 0.0) <= pop["ndcg@10"] or best.get("recall@10", 0.0) <= pop["recall@10"]:
+        out.append(f"the trained model does not beat popularity on validation (Recall@10 "
+                   f"{best.get('recall@10', float('nan')):.4f} vs {pop['recall@10']:.4f}, NDCG@10 "
+                   f"{best.get('ndcg@10', float('nan')):.4f} vs {pop['ndcg@10']:.4f}): train longer "
+                   "(--time-budget) or use the 'cpu' preset")
+    if best.get("coverage@10", 1.0) < 0.01:
+        out.append(f"validation coverage@10 is {best['coverage@10']:.2%}: the model recommends the same few "
+                   "items to everyone (collapsed to a popularity list); train longer or lower the lr")
+    return out
 
 
 def save_run(out_dir, *, rqvae=None, id_table=None, model=None, report: dict | None = None) -> None:

@@ -60,7 +60,8 @@ import torch
 
 from .layout import TokenLayout
 from .sequences import Examples
-from .t5 import T5, T5Config, _atomic_write, save_t5
+from .atomic import write_atomic
+from .t5 import T5, T5Config, save_t5
 
 __all__ = ["TrainConfig", "lr_at", "train_retriever", "latest_checkpoint", "load_checkpoint",
            "init_distributed", "ExampleOrder"]
@@ -84,9 +85,11 @@ class TrainConfig:
     schedule: "rsqrt" (the paper: constant ``lr`` for ``warmup_steps``, then 1/sqrt decay) or
     "cosine" (linear warm-up from 0 over ``warmup_steps``, then cosine decay to
     ``min_lr_ratio * lr`` at ``total_steps``).  total_steps: the cosine's length; None = max_steps,
-    or, with a ``time_budget_s``, planned once from the measured step rate after the first
-    ``PLAN_AFTER_STEPS`` steps so the decay ends with the budget (the plan is recorded in the
-    history and in checkpoints, so a resumed run follows the same schedule).
+    or, with a ``time_budget_s``, planned from the measured step rate after the first
+    ``PLAN_AFTER_STEPS`` steps and re-planned after every validation (whose cost is then known)
+    so the decay ends with the budget.  The plans are recorded in the history (``plans``) and in
+    checkpoints; a time-budgeted run depends on the machine's speed, so to replay one exactly,
+    pass its final plan as ``total_steps`` and its ``final_step`` as ``max_steps``.
     label_smoothing: cross-entropy label smoothing (0 = none).
     eval_every_s: also validate whenever this many wall seconds passed since the last validation
     (None = by steps only); patience: stop after this many validations without a new best
@@ -335,14 +338,14 @@ def _save_checkpoint(cfg: TrainConfig, model: T5, opt, step: int, history: dict)
     tensors = {f"model/{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     otensors, ometa = _flatten_optimizer(opt)
     tensors.update(otensors)
-    _atomic_write(prefix + ".safetensors", lambda p: save_file(tensors, p, metadata={"step": str(step)}))
+    write_atomic(prefix + ".safetensors", lambda p: save_file(tensors, p, metadata={"step": str(step)}))
     meta = {"format": "tiger_fast.train/1", "step": step, "train_config": cfg.to_dict(),
             "t5_config": model.config.to_dict(), "optimizer": ometa, "history": history}
 
     def _w(p):
         with open(p, "w") as f:
             json.dump(meta, f)
-    _atomic_write(prefix + ".json", _w)  # commit marker
+    write_atomic(prefix + ".json", _w)  # commit marker
     # drop older checkpoints (json first, so a half-deleted one is never picked up)
     olds = sorted(glob.glob(os.path.join(d, "ckpt-*.json")))
     for j in olds[:-cfg.keep_checkpoints]:
@@ -377,12 +380,12 @@ def _save_best(cfg: TrainConfig, model: T5, layout: TokenLayout | None) -> None:
         return
     os.makedirs(d, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(os.path.join(d, "model.safetensors"), lambda p: save_file(tensors, p))
+    write_atomic(os.path.join(d, "model.safetensors"), lambda p: save_file(tensors, p))
 
     def _w(p):
         with open(p, "w") as f:
             json.dump(model.config.to_dict(), f, indent=2)
-    _atomic_write(os.path.join(d, "t5_config.json"), _w)
+    write_atomic(os.path.join(d, "t5_config.json"), _w)
 
 
 def _better(v: float, best: float | None, mode: str) -> bool:
@@ -491,6 +494,13 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
         if eval_fn is None:
             return
         eval_clock[0] = time.monotonic()
+        try:
+            _run_eval(step)
+        finally:
+            last_eval_s[0] = time.monotonic() - eval_clock[0]
+            eval_total_s[0] += last_eval_s[0]
+
+    def _run_eval(step):
         res = None
         if rank == 0:
             model.eval()
@@ -517,6 +527,7 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
     best_state: list = [None]
     t0 = time.monotonic()
     eval_clock = [t0]
+    last_eval_s, eval_total_s = [0.0], [0.0]  # wall time of the last validation, of all of them
     wall0 = float(history.get("wall_s") or 0.0)  # wall time of earlier calls (resumed runs)
     step = start
     stopped = "max_steps"
@@ -527,6 +538,7 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
     if cfg.schedule == "cosine" and not plan_needed and history.get("planned_steps") is None:
         history["planned_steps"] = cfg.total_steps or cfg.max_steps
     plan_t0 = [None]
+    replan = plan_needed
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -605,14 +617,25 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
                 if step % cfg.eval_every == 0 or _eval_due(cfg, eval_clock[0], dist):
                     run_eval(step)
                     last_eval = step
+                    if replan:  # now that validation's cost is known, fit the decay to what is left
+                        history["planned_steps"] = _replan_steps(cfg, step, step - start, time.monotonic() - t0,
+                                                                 eval_total_s[0], last_eval_s[0], dist)
+                        history.setdefault("plans", []).append([step, history["planned_steps"]])
                     if cfg.patience is not None and history["best_step"] is not None and \
                             _evals_since_best(history) >= cfg.patience:
                         stopped = "early_stopping"
                         break
                 if history.get("planned_steps") and step >= history["planned_steps"] and \
                         cfg.schedule == "cosine":
-                    stopped = "schedule_end"
-                    break
+                    if replan:  # the plan ran out early (a slow start): extend it if the budget allows
+                        more = _replan_steps(cfg, step, step - start, time.monotonic() - t0, eval_total_s[0],
+                                             last_eval_s[0], dist)
+                        if more > step * 1.05 + 1:
+                            history["planned_steps"] = more
+                            history.setdefault("plans", []).append([step, more])
+                    if step >= history["planned_steps"]:
+                        stopped = "schedule_end"
+                        break
                 if cfg.checkpoint_dir is not None and step % cfg.checkpoint_every == 0:
                     history["final_step"] = step
                     history["wall_s"] = wall0 + time.monotonic() - t0
@@ -661,6 +684,26 @@ def _plan_steps(cfg: TrainConfig, step: int, timed_steps: int, timed_s: float, s
         dist.broadcast_object_list(box, src=0)
         planned = box[0]
     return max(planned, cfg.warmup_steps + 1)
+
+
+def _replan_steps(cfg: TrainConfig, step: int, steps_done: int, spent_s: float, eval_s: float, last_eval_s: float,
+                  dist) -> int:
+    """Re-plan a time-budgeted cosine schedule after a validation: the training step rate so far
+    (validation time excluded) times what is left of the budget once the remaining validations
+    (at the last one's cost, plus the final one) are paid for; capped by max_steps, never before
+    the current step."""
+    rate = steps_done / max(spent_s - eval_s, 1e-9)
+    left = max(cfg.time_budget_s - spent_s, 0.0)
+    if cfg.eval_every_s is not None:
+        n_evals = left / (cfg.eval_every_s + last_eval_s)
+    else:
+        n_evals = left * rate / cfg.eval_every
+    planned = min(cfg.max_steps, step + max(int(rate * max(left - (n_evals + 1) * last_eval_s, 0.0)), 1))
+    if dist is not None:
+        box = [planned]
+        dist.broadcast_object_list(box, src=0)
+        planned = box[0]
+    return max(planned, cfg.warmup_steps + 1, step + 1)
 
 
 def _eval_due(cfg: TrainConfig, last_eval_clock: float, dist) -> bool:
