@@ -309,7 +309,7 @@ def hf_generate(hf, table, layout, ids, mask, num_beams, k, allowed):
 
 def end_to_end(args, layout, table, trie) -> dict:
     from tiger_fast.generate import generate as tf_generate
-    from tiger_fast.generate import _encoder_inputs
+    from tiger_fast.decoding import encoder_batch
     from tiger_fast.t5 import T5, load_t5, paper_config
 
     if args.checkpoint:
@@ -368,7 +368,7 @@ def end_to_end(args, layout, table, trie) -> dict:
             run["forward_floor_ms"] = 1e3 * fl / (gf * 1e9)
             run["requests_per_s_at_floor"] = batch / (fl / (gf * 1e9))
             if hf is not None and T is None:
-                ids, mask = _encoder_inputs(layout, table, hist, users, 20, torch.device("cpu"))
+                ids, mask = encoder_batch(layout, table, hist, users, 20, torch.device("cpu"))
                 lat = []
                 rows = None
                 for i in range(max(1, reps // 2) + 1):

@@ -256,8 +256,8 @@ def whole_decode_graph(layout, table, trie, device, ext, steps, R=256, B=20, rep
     tables = [t.to(device) for t in trie.tables()]
     rng = np.random.default_rng(2)
     hist = rng.choice(table.item_ids.numpy(), (R, 20))
-    from tiger_fast.generate import _encoder_inputs
-    ids, mask = _encoder_inputs(layout, table, list(hist), list(range(R)), 20, device)
+    from tiger_fast.decoding import encoder_batch
+    ids, mask = encoder_batch(layout, table, list(hist), list(range(R)), 20, device)
     outs = [steps.outs(R, B) for _ in range(L)]
 
     def decode():

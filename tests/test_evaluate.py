@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tiger_fast import decoding as D
 from tiger_fast import evaluate as E
 from tiger_fast import metrics as M
 from tiger_fast.data import Dataset
@@ -223,7 +224,7 @@ def test_unconstrained_equals_constrained_when_every_id_is_an_item():
     table = IdTable(layout, torch.arange(24) + 100, allc)
     model = tiny_t5(layout, seed=5)
     hist = [[100, 101, 117], [123], [105, 105]]
-    ids, mask = E.encoder_batch(layout, table, hist, [1, 2, 3])
+    ids, mask = D.encoder_batch(layout, table, hist, [1, 2, 3])
     codes, scores = E.unconstrained_beam_search(model, ids, mask, layout, 7)
     res = generate(model, hist, table, user_ids=[1, 2, 3], k=7, backend="reference")
     assert torch.equal(codes, res.codes)
@@ -295,7 +296,7 @@ def test_invalid_rate_unconstrained_matches_manual(setup):
     ds, table, model = setup
     r = E.invalid_rate_unconstrained(model, ds, table, k=10, batch_size=6)
     ex = E.eval_examples(ds, "test")
-    ids, mask = E.encoder_batch(LAYOUT, table, [ds.item_ids[h] for h in ex.histories],
+    ids, mask = D.encoder_batch(LAYOUT, table, [ds.item_ids[h] for h in ex.histories],
                                 [ds.user_ids[u] for u in ex.users])
     codes, _ = E.unconstrained_beam_search(model, ids, mask, LAYOUT, 10)
     items = table.items_of_codes(codes.reshape(-1, 4)).reshape(codes.shape[:2])
@@ -332,7 +333,7 @@ def test_unconstrained_hf_model_equals_ours():
     ours = tiny_t5(layout, seed=1)
     hf = ours.to_hf().eval()
     table = IdTable.from_rq_codes(layout, np.arange(20), np.random.default_rng(0).integers(0, 3, (20, 3)))
-    ids, mask = E.encoder_batch(layout, table, [[1, 2, 3], [4]], [5, 6])
+    ids, mask = D.encoder_batch(layout, table, [[1, 2, 3], [4]], [5, 6])
     a_codes, a_scores = E.unconstrained_beam_search(ours, ids, mask, layout, 8)
     b_codes, b_scores = E.unconstrained_beam_search(hf, ids, mask, layout, 8)
     assert torch.equal(a_codes, b_codes)

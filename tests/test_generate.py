@@ -438,9 +438,9 @@ USERS = [5, "u-17", 9]
 
 def t5_brute_force(model, table, histories, users, use_eos):
     """Teacher-forced (T5.forward on whole sequences, not the incremental path) log-probs of every ID."""
-    from tiger_fast.generate import _encoder_inputs
+    from tiger_fast.decoding import encoder_batch
 
-    ids, mask = _encoder_inputs(LAYOUT, table, histories, users, 20, torch.device("cpu"))
+    ids, mask = encoder_batch(LAYOUT, table, histories, users, 20, torch.device("cpu"))
     N = len(table)
     tgt = LAYOUT.codes_to_tokens(table.codes)
     dec = torch.cat([torch.zeros(N, 1, dtype=torch.long), tgt], 1)
@@ -493,13 +493,13 @@ def hf_prefix_fn(trie):
 
 @pytest.mark.parametrize("use_eos", [True, False])
 def test_generate_hf_equals_hf_constrained_beam_search(use_eos):
-    from tiger_fast.generate import _encoder_inputs
+    from tiger_fast.decoding import encoder_batch
 
     table = tiny_catalogue(60, seed=21)
     hf = tiny_hf()
     trie = Trie.from_id_table(table)
     k, B = 5, 7
-    ids, mask = _encoder_inputs(LAYOUT, table, HISTORIES, USERS, 20, torch.device("cpu"))
+    ids, mask = encoder_batch(LAYOUT, table, HISTORIES, USERS, 20, torch.device("cpu"))
     out = hf.generate(input_ids=ids, attention_mask=mask.long(), num_beams=B, num_return_sequences=k,
                       do_sample=False, prefix_allowed_tokens_fn=hf_prefix_fn(trie), length_penalty=0.0,
                       early_stopping=True, max_new_tokens=L + (1 if use_eos else 0), output_scores=True,

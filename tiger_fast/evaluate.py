@@ -32,6 +32,8 @@ import numpy as np
 import torch
 
 from . import metrics as M
+from .decoding import encoder_batch, make_stepper, model_device
+from .reference.generate import eos_rerank, top_by_key
 
 __all__ = [
     "EvalExamples",
@@ -41,7 +43,6 @@ __all__ = [
     "evaluate_popularity",
     "evaluate_rankings",
     "evaluate_retriever",
-    "encoder_batch",
     "unconstrained_beam_search",
     "invalid_rate_unconstrained",
     "entropy_vs_temperature",
@@ -397,43 +398,6 @@ def temperature_table(model, dataset, id_table, temps, *, max_users, sample_seed
     return rows, claims
 
 
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError, TypeError):
-        return torch.device("cpu")
-
-
-def encoder_batch(layout, id_table, histories, user_ids, max_history: int = 20):
-    """Pad the encoder inputs of a batch (right padding with pad_id).
-
-    histories: R sequences of item ids in the table's id space; user_ids: R raw user ids.
-    Returns input_ids int64 (R, S), attention_mask bool (R, S)."""
-    from .sequences import encoder_input
-
-    seqs = [encoder_input(layout, id_table, u, h, max_items=max_history) for u, h in zip(user_ids, histories)]
-    S = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), S), layout.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), S), dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = True
-    return ids, mask
-
-
-def _make_stepper(model, input_ids, mask, num_levels):
-    if all(callable(getattr(model, n, None)) for n in ("encode", "init_cache", "decode_step", "reorder_cache")):
-        from .generate import _OursStepper  # the same adapter tiger_fast.generate uses
-
-        return _OursStepper(model, input_ids, mask, num_levels)
-    if hasattr(model, "get_encoder") and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        from .generate import _HFStepper  # HF T5ForConditionalGeneration adapter of tiger_fast.generate
-
-        return _HFStepper(model, input_ids, mask)
-    raise TypeError("model must be a tiger_fast.t5.T5 (encode/init_cache/decode_step/reorder_cache) or a "
-                    f"Hugging Face T5ForConditionalGeneration, got {type(model).__name__}")
-
-
 @torch.no_grad()
 def unconstrained_beam_search(model, input_ids, attention_mask, layout, num_beams: int = 10, *,
                               use_eos: bool = True):
@@ -461,7 +425,7 @@ def unconstrained_beam_search(model, input_ids, attention_mask, layout, num_beam
     R = input_ids.shape[0]
     L = layout.num_levels
     dev = input_ids.device
-    step = _make_stepper(model, input_ids, attention_mask, L)
+    step = make_stepper(model, input_ids, attention_mask, L)
     rows = torch.arange(R, device=dev)[:, None]
     lp = torch.log_softmax(step(None, torch.full((R, 1), layout.decoder_start_id, dtype=torch.long,
                                                  device=dev)).float(), dim=-1)  # (R, B_in, V)
@@ -473,17 +437,17 @@ def unconstrained_beam_search(model, input_ids, attention_mask, layout, num_beam
         B_in = scores.shape[1]
         cand = (scores[:, :, None] + lp[:, :, off:off + S]).reshape(R, B_in * S)
         B_out = min(int(num_beams), B_in * S)
-        # stable descending sort: equal scores keep ascending flat index (parent beam, code)
-        top, idx = torch.sort(cand, dim=1, descending=True, stable=True)
-        top, idx = top[:, :B_out], idx[:, :B_out]
+        # the trie search's selection rule, every candidate valid: score descending, ties by flat
+        # index (parent beam * S + code) ascending
+        idx, _ = top_by_key(cand, torch.ones_like(cand, dtype=torch.bool), B_out)
+        top = torch.gather(cand, 1, idx)
         parent, tok = idx // S, idx % S
         codes = torch.cat([codes[rows, parent], tok[:, :, None]], dim=2)
         scores = top
         if l < L - 1 or use_eos:
             lp = torch.log_softmax(step(parent, tok + off).float(), dim=-1)
-    if use_eos:
-        scores = scores + lp[:, :, layout.eos_id]
-        scores, order = torch.sort(scores, dim=1, descending=True, stable=True)
+    if use_eos:  # the trie search's end step: one float32 add, re-sorted, ties by beam index
+        order, scores = eos_rerank(scores, lp[:, :, layout.eos_id], torch.ones_like(scores, dtype=torch.bool))
         codes = codes[rows, order]
     return codes, scores
 
@@ -511,7 +475,7 @@ def invalid_rate_unconstrained(model, dataset, id_table, split: str = "test", k:
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
-    dev = _model_device(model)
+    dev = model_device(model)
     all_codes = []
     t0 = time.perf_counter()
     R = len(ex.targets)

@@ -27,13 +27,13 @@ for the one caveat about float64 transcendental functions).
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .backends import choose_backend, load_extension
+from .decoding import check_model, encoder_batch, make_stepper, model_device
 from .layout import TokenLayout
 from .reference import generate as ref
 from .trie import Trie
@@ -190,151 +190,6 @@ def _selector(backend: str, device: torch.device):
     return s.beam, s.sample, s.check
 
 
-# ---- model adapters --------------------------------------------------------------------------------
-def _is_hf(model) -> bool:
-    return hasattr(model, "get_encoder") and hasattr(model, "config") and getattr(model.config, "is_encoder_decoder", False)
-
-
-def _is_ours(model) -> bool:
-    return all(hasattr(model, a) for a in ("encode", "init_cache", "decode_step", "reorder_cache"))
-
-
-def _model_vocab(model) -> int:
-    return int(model.config.vocab_size)
-
-
-def _model_device(model) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-class _OursStepper:
-    """tiger_fast.t5.T5: encode once, then decode_step with its T5Cache; beams move with
-    ``select_beams`` (cross-attention K/V stay one copy per request).  Duck-typed models without
-    ``select_beams`` get ``reorder_cache`` with the equivalent row index."""
-
-    def __init__(self, model, input_ids, mask, num_levels):
-        self.model = model
-        enc = model.encode(input_ids, mask)
-        from .t5 import T5  # duck-typed models may not take max_length (it only pre-sizes buffers)
-
-        self.cache = (model.init_cache(enc, mask, max_length=num_levels + 1) if isinstance(model, T5)
-                      else model.init_cache(enc, mask))
-        self.device = input_ids.device
-        self.cur_b = 1  # beams per request held by the cache
-
-    def __call__(self, parent, tokens):
-        R, B = tokens.shape
-        tokens = tokens.to(self.device)
-        if parent is not None:
-            parent = parent.to(self.device)
-            if hasattr(self.model, "select_beams"):
-                self.cache = self.model.select_beams(self.cache, parent, reuse=True)
-            else:
-                idx = (torch.arange(R, device=parent.device).unsqueeze(1) * self.cur_b
-                       + parent.clamp(min=0)).reshape(-1)
-                self.cache = self.model.reorder_cache(self.cache, idx)
-        self.cur_b = B
-        logits = self.model.decode_step(tokens.reshape(-1), self.cache)
-        return logits.view(R, B, -1)
-
-
-class _HFStepper:
-    """HF T5ForConditionalGeneration: the encoder once, then the model with the KV cache."""
-
-    def __init__(self, model, input_ids, mask):
-        self.model = model
-        self.enc = model.get_encoder()(input_ids=input_ids, attention_mask=mask.long(), return_dict=True)
-        self.enc_h = self.enc.last_hidden_state
-        self.mask = mask.long()
-        self.cache = None
-        params = inspect.signature(model.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.device = input_ids.device
-        self.cur_b = 1
-        self.expanded = None  # (B, encoder states (R*B, S, d), mask (R*B, S)) for the current beam width
-
-    def __call__(self, parent, tokens):
-        from transformers.modeling_outputs import BaseModelOutput
-
-        R, B = tokens.shape
-        tokens = tokens.to(self.device)
-        if parent is not None:
-            parent = parent.to(self.device)
-            prev_b = self.cur_b
-            idx = (torch.arange(R, device=parent.device).unsqueeze(1) * prev_b + parent.clamp(min=0)).reshape(-1)
-            if prev_b == B and hasattr(self.cache, "self_attention_cache"):
-                self.cache.self_attention_cache.reorder_cache(idx)  # cross K/V: as in _OursStepper
-            else:
-                self.cache.reorder_cache(idx)
-        self.cur_b = B
-        if self.expanded is None or self.expanded[0] != B:  # every row's encoder output, once per beam width
-            rows = torch.arange(R, device=tokens.device).repeat_interleave(B)
-            self.expanded = (B, self.enc_h.index_select(0, rows), self.mask.index_select(0, rows))
-        enc = BaseModelOutput(last_hidden_state=self.expanded[1])
-        out = self.model(encoder_outputs=enc, attention_mask=self.expanded[2],
-                         decoder_input_ids=tokens.reshape(-1, 1), use_cache=True,
-                         **{self.cache_kw: self.cache})
-        self.cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        return out.logits[:, -1, :].view(R, B, -1)
-
-
-# ---- inputs ----------------------------------------------------------------------------------------
-def _encoder_input_fallback(layout, id_table, user_id, history, max_items):
-    """[user token] + the num_levels tokens of each of the last <= max_items items, oldest first
-    (user token omitted when user_id is None)."""
-    toks = id_table.tokens_of(torch.as_tensor(history[-max_items:], dtype=torch.int64)).reshape(-1).tolist()
-    return ([] if user_id is None else [layout.user_token(user_id)]) + toks
-
-
-def _encoder_inputs(layout, id_table, histories, user_ids, max_history, device):
-    try:
-        from .sequences import encoder_input
-    except ImportError:  # pragma: no cover - sequences.py ships with the package
-        encoder_input = None
-    if isinstance(histories, torch.Tensor) and histories.dim() == 2:
-        histories = list(histories)
-    if not isinstance(histories, (list, tuple)) or len(histories) == 0:
-        raise ValueError("histories must be a non-empty list of item-id sequences (one per request)")
-    R = len(histories)
-    if user_ids is not None and len(user_ids) != R:
-        raise ValueError(f"user_ids has {len(user_ids)} entries but histories has {R}; give one per request")
-    if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
-        raise ValueError(f"max_history must be a positive int, got {max_history!r}")
-    hists = []
-    for i, h in enumerate(histories):
-        h = torch.as_tensor(np.asarray(h.cpu() if isinstance(h, torch.Tensor) else h))
-        if h.dim() != 1 or (h.numel() and (h.dtype.is_floating_point or h.dtype == torch.bool)):
-            raise ValueError(f"histories[{i}] must be a 1-D sequence of integer item ids")
-        if h.numel() == 0:
-            raise ValueError(f"histories[{i}] is empty; every request needs at least one past item "
-                             "(serve users without history with a popularity fallback)")
-        hists.append(h.long())  # all checked below; the encoder input keeps the last max_history
-    # One membership query for the whole batch (the table's sorted-id search, O(M log N)).
-    allh = torch.cat(hists)
-    known = id_table.contains(allh) if hasattr(id_table, "contains") else torch.isin(allh, id_table.item_ids)
-    if not bool(known.all()):
-        lens = torch.tensor([h.numel() for h in hists])
-        first = int((~known).nonzero()[0, 0])
-        i = int((torch.cumsum(lens, 0) <= first).sum())
-        raise ValueError(f"histories[{i}] contains item ids not in the id_table, e.g. {allh[~known][:5].tolist()} "
-                         "(add new items with IdTable.add_items first)")
-    seqs = []
-    for i, h in enumerate(hists):
-        u = None if user_ids is None else user_ids[i]
-        if encoder_input is not None and u is not None:
-            seqs.append(encoder_input(layout, id_table, u, h, max_items=max_history))
-        else:
-            seqs.append(_encoder_input_fallback(layout, id_table, u, h.tolist(), max_history))
-    S = max(len(s) for s in seqs)
-    ids = torch.full((R, S), layout.pad_id, dtype=torch.int64)
-    mask = torch.zeros(R, S, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.int64)
-        mask[i, :len(s)] = True
-    return ids.to(device), mask.to(device)
-
-
 def _check_int(v, name, lo=1):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
@@ -374,16 +229,14 @@ def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beam
     Returns GenerateResult (item_ids int64 (R, k), codes int64 (R, k, L), scores float32 (R, k),
     rows int64 (R, k)).
     """
-    if not (_is_hf(model) or _is_ours(model)):
-        raise TypeError(f"model must be a tiger_fast.t5.T5 or a Hugging Face T5ForConditionalGeneration, "
-                        f"got {type(model).__name__}")
+    check_model(model)
     layout = getattr(id_table, "layout", None)
     if not isinstance(layout, TokenLayout) or not hasattr(id_table, "item_ids"):
         raise TypeError(f"id_table must be a tiger_fast.ids.IdTable, got {type(id_table).__name__}")
     model_layout = getattr(model, "layout", None)
     if isinstance(model_layout, TokenLayout):
         model_layout.check_compatible(layout, "model layout vs id_table.layout")
-    V = _model_vocab(model)
+    V = int(model.config.vocab_size)
     if V != layout.vocab_size:
         raise ValueError(f"the model's vocab_size ({V}) does not match id_table.layout.vocab_size "
                          f"({layout.vocab_size}); the model and the ID table must use the same TokenLayout")
@@ -411,8 +264,8 @@ def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beam
         raise ValueError(f"the trie refers to row {trie.max_row()} but id_table has {len(id_table)} rows; "
                          "build the trie from this id_table (Trie.from_id_table) or add rows to both")
 
-    device = _model_device(model)
-    ids, mask = _encoder_inputs(layout, id_table, histories, user_ids, max_history, device)
+    device = model_device(model)
+    ids, mask = encoder_batch(layout, id_table, histories, user_ids, max_history, device)
     R = ids.shape[0]
     if row_keys is None:
         rk = torch.arange(R, dtype=torch.int64)
@@ -430,7 +283,7 @@ def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beam
         model.eval()
     try:
         with torch.inference_mode():
-            stepper = _HFStepper(model, ids, mask) if _is_hf(model) else _OursStepper(model, ids, mask, L)
+            stepper = make_stepper(model, ids, mask, L)
             out = ref.constrained_decode(stepper, trie.tables(sel_device), layout, R, num_beams, use_eos=eos,
                                          temperature=temps, seed=int(seed), row_keys=rk,
                                          beam_step=beam_step, sample_step=sample_step)

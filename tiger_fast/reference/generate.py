@@ -98,10 +98,11 @@ def _candidates(beam_nodes: torch.Tensor, children: torch.Tensor) -> tuple[torch
     return child, child >= 0
 
 
-def _top_by_key(key: torch.Tensor, valid: torch.Tensor, num_out: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """key (R, C) float, valid bool (R, C) -> flat index int64 (R, num_out) of the best valid
-    candidates by key descending, ties by flat index ascending (-1 where fewer exist), and
-    ok bool (R, num_out)."""
+def top_by_key(key: torch.Tensor, valid: torch.Tensor, num_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one selection rule of every decode (beam search, sampling, the end step, and the
+    unconstrained search of tiger_fast.evaluate): key (R, C) float, valid bool (R, C) -> flat index
+    int64 (R, num_out) of the best valid candidates by key descending, ties by flat index ascending
+    (-1 where fewer exist), and ok bool (R, num_out)."""
     R, C = key.shape
     key = torch.where(valid, key, torch.full_like(key, -math.inf))
     # Stable sorts: by key descending keeps equal keys in flat-index order; then valid first.
@@ -143,7 +144,7 @@ def beam_select_step(logprobs: torch.Tensor, beam_scores: torch.Tensor, beam_nod
     R, B, S = logprobs.shape
     child, valid = _candidates(beam_nodes, children)
     score = beam_scores.unsqueeze(-1) + logprobs  # one float32 add per candidate
-    flat, ok = _top_by_key(score.reshape(R, B * S), valid.reshape(R, B * S), num_out)
+    flat, ok = top_by_key(score.reshape(R, B * S), valid.reshape(R, B * S), num_out)
     safe = flat.clamp(min=0)
     parent = torch.where(ok, safe // S, -1)
     token = torch.where(ok, safe % S, -1)
@@ -227,7 +228,7 @@ def sample_select_step(logprobs: torch.Tensor, tempered: torch.Tensor, beam_scor
     score = beam_scores.unsqueeze(-1) + logprobs
     phi = beam_phi.unsqueeze(-1) + tempered_logprobs.to(torch.float64)
     keys = truncated_gumbel_keys(phi + gumbel, valid, beam_keys)
-    flat, ok = _top_by_key(keys.reshape(R, B * S), valid.reshape(R, B * S), num_out)
+    flat, ok = top_by_key(keys.reshape(R, B * S), valid.reshape(R, B * S), num_out)
     safe = flat.clamp(min=0)
     parent = torch.where(ok, safe // S, -1)
     token = torch.where(ok, safe % S, -1)
@@ -251,7 +252,7 @@ def eos_rerank(scores: torch.Tensor, eos_logprobs: torch.Tensor, valid: torch.Te
     R, B = scores.shape
     if not resort:
         return torch.arange(B, device=scores.device).expand(R, B).clone(), new
-    order, _ = _top_by_key(new, valid, B)
+    order, _ = top_by_key(new, valid, B)
     # Invalid beams (order -1) go last, in beam order.
     if not bool(valid.all()):
         rest = torch.sort((valid).to(torch.int8), dim=1, descending=True, stable=True).indices
