@@ -265,6 +265,44 @@ def _resolve_model_dir(path):
     return inner if os.path.isdir(inner) else path
 
 
+def _baselines(text):
+    """'popularity,sasrec' -> ('popularity', 'sasrec'); unknown names -> argparse error."""
+    names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    bad = [n for n in names if n not in ("popularity", "sasrec")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown baseline(s) {bad}; choose from popularity, sasrec")
+    return names
+
+
+def _sasrec_baseline(a, ds) -> dict:
+    """SASRec metrics for `evaluate --baselines sasrec`: load --sasrec-model DIR when it holds a saved
+    model, else train for --sasrec-budget seconds (and save to DIR when given)."""
+    from .sasrec import SASRecConfig, evaluate_sasrec, load_sasrec, save_sasrec, train_sasrec
+
+    d, hist = a.sasrec_model, None
+    if d and os.path.isfile(os.path.join(d, "sasrec.json")):
+        try:
+            model = load_sasrec(d)
+        except (ValueError, FileNotFoundError) as e:
+            raise CliError(f"--sasrec-model {d}: {e}") from e
+    else:
+        try:
+            model, hist = train_sasrec(ds, SASRecConfig(time_budget_s=a.sasrec_budget, seed=a.seed),
+                                       progress=not a.quiet)
+        except (ValueError, RuntimeError) as e:
+            raise CliError(f"--sasrec-budget {a.sasrec_budget:g} on --data {a.data}: {e}") from e
+        if d:
+            save_sasrec(model, d)
+    try:
+        res = evaluate_sasrec(model, ds, split=a.split, max_users=a.max_users, seed=a.seed)
+    except ValueError as e:
+        raise CliError(f"--sasrec-model {d}: {e}") from e
+    if hist is not None:
+        res.update(train_steps=hist["steps"], train_wall_s=hist["wall_s"], best_step=hist["best_step"],
+                   stopped=hist["stopped"])
+    return res
+
+
 def cmd_evaluate(a):
     from .evaluate import evaluate_popularity, evaluate_retriever
 
@@ -282,8 +320,10 @@ def cmd_evaluate(a):
     res = evaluate_retriever(model, ds, table, split=a.split, k=a.k, temperature=a.temperature,
                              max_users=a.max_users, seed=a.seed, backend=a.backend, progress=not a.quiet)
     out = {"tiger": {k: v for k, v in res.items() if isinstance(v, (int, float, str)) or v is None}}
-    if a.popularity:
+    if a.popularity or "popularity" in a.baselines:
         out["popularity"] = evaluate_popularity(ds, split=a.split, max_users=a.max_users, seed=a.seed)
+    if "sasrec" in a.baselines:
+        out["sasrec"] = _sasrec_baseline(a, ds)
     if a.temperatures:
         from .plots import plot_temperature_tradeoff, temperature_points
 
@@ -427,7 +467,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--k", type=int, default=10)
     sp.add_argument("--temperature", type=_temperature, default=None, help="none | T | T0,T1,T2,T3")
     sp.add_argument("--max-users", type=int, default=None)
-    sp.add_argument("--popularity", action="store_true", help="also evaluate the popularity baseline")
+    sp.add_argument("--popularity", action="store_true", help="also evaluate the popularity baseline "
+                    "(= --baselines popularity)")
+    sp.add_argument("--baselines", type=_baselines, default=(), metavar="NAMES",
+                    help="comma-separated baselines to evaluate beside TIGER: popularity, sasrec")
+    sp.add_argument("--sasrec-budget", type=float, default=300.0, metavar="S",
+                    help="wall seconds to train SASRec for --baselines sasrec (validation included)")
+    sp.add_argument("--sasrec-model", default=None, metavar="DIR",
+                    help="load SASRec from DIR if it holds one (tiger_fast.sasrec.save_sasrec), "
+                         "else train it and save it there")
     sp.add_argument("--temperatures", type=_temperatures, default=None,
                     help="also Recall/Entropy@K per decoding setting, ';'-separated: beam | T | T0,T1,T2,T3 "
                          "(e.g. 'beam;1;2;2,2,0.5,0.5')")
