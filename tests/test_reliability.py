@@ -93,3 +93,108 @@ def test_symlink_target_keeps_the_link(tmp_path):
     write_bytes(link, b"b")
     assert os.path.islink(link) and real.read_bytes() == b"b"
     assert check_target(tmp_path / "new.bin") == str(tmp_path / "new.bin")
+
+
+# --- checkpoint loaders check config.json against the weights before building (issue 14, 6) -----
+def _tiny_t5(tmp_path):
+    from tiger_fast.layout import TokenLayout
+    from tiger_fast.t5 import T5, T5Config, save_t5
+
+    layout = TokenLayout(codebook_sizes=(5, 3), collision_size=2, num_user_tokens=7)
+    m = T5(T5Config(vocab_size=layout.vocab_size, d_model=8, num_heads=2, d_kv=4, d_ff=8,
+                    num_encoder_layers=1, num_decoder_layers=2))
+    p = tmp_path / "ck"
+    save_t5(m, layout, str(p))
+    return p, json.loads((p / "config.json").read_text())
+
+
+@pytest.fixture
+def real_builds(monkeypatch):
+    """Devices on which T5 / RQVAE objects get built (meta = shapes only)."""
+    from tiger_fast import rqvae, t5
+
+    seen = []
+    for cls in (t5.T5, rqvae.RQVAE):
+        orig = cls.__init__
+
+        def init(self, *a, _orig=orig, **k):
+            seen.append(torch.empty(0).device.type)
+            _orig(self, *a, **k)
+        monkeypatch.setattr(cls, "__init__", init)
+    return seen
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"d_ff": 10**9}, "beyond the loader's bound"),
+    ({"num_encoder_layers": 10**6}, "beyond the loader's bound"),
+    ({"num_decoder_layers": 200}, "config.json says 200 decoder layers, the weights hold 2"),
+    ({"d_ff": 4096}, "shape"),
+    ({"num_heads": 3}, "shape"),
+])
+def test_t5_config_checked_against_weights_before_building(tmp_path, real_builds, change, match):
+    from tiger_fast.t5 import load_t5
+
+    p, meta = _tiny_t5(tmp_path)
+    real_builds.clear()
+    meta["t5_config"].update(change)
+    (p / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=match):
+        load_t5(str(p))
+    assert "cpu" not in real_builds  # nothing was built for real
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"format": "tiger_fast.t5/1", "layout": {}}', r"lacks the object\(s\) \['t5_config'\]"),
+    ('{"format": "tiger_fast.t5/1", "t5_config": {"d_model": 8}, "layout": {}}', "invalid config"),
+    ('{"format": "tiger_fast.t5/1", "t5_config": ' + "[" * 100000 + "]" * 100000 + "}", "RecursionError"),
+    ("[" * 100000, "cannot read"),
+])
+def test_t5_config_missing_keys_or_deep_json(tmp_path, text, match):
+    from tiger_fast.t5 import load_t5
+
+    p, _ = _tiny_t5(tmp_path)
+    (p / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_t5(str(p))
+
+
+def _tiny_rqvae(tmp_path):
+    from tiger_fast.rqvae import RQVAE, RQVAEConfig, save_rqvae
+
+    m = RQVAE(RQVAEConfig(input_dim=6, hidden_dims=(5,), latent_dim=3, codebook_sizes=(4, 2)))
+    p = tmp_path / "rq"
+    save_rqvae(m, p)
+    return p, json.loads((p / "rqvae_config.json").read_text())
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"hidden_dims": [10**9]}, "beyond the loader's bound"),
+    ({"hidden_dims": [4] * 100000}, "beyond the loader's bound"),
+    ({"codebook_sizes": [10**8, 2]}, "beyond the loader's bound"),
+    ({"hidden_dims": [7]}, "shape mismatches"),
+    ({"hidden_dims": [5, 5]}, "missing"),
+])
+def test_rqvae_config_checked_against_weights_before_building(tmp_path, real_builds, change, match):
+    from tiger_fast.rqvae import load_rqvae
+
+    p, meta = _tiny_rqvae(tmp_path)
+    real_builds.clear()
+    meta["config"].update(change)
+    (p / "rqvae_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=match):
+        load_rqvae(p)
+    assert "cpu" not in real_builds
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"format": "tiger_fast.rqvae/1"}', "no 'config' object"),
+    ('{"format": "tiger_fast.rqvae/1", "config": {"latent_dim": 3}}', "not a valid RQ-VAE config"),
+    ('{"format": "tiger_fast.rqvae/1", "config": ' + "[" * 100000 + "]" * 100000 + "}", "nested too deeply"),
+])
+def test_rqvae_config_missing_keys_or_deep_json(tmp_path, text, match):
+    from tiger_fast.rqvae import load_rqvae
+
+    p, _ = _tiny_rqvae(tmp_path)
+    (p / "rqvae_config.json").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_rqvae(p)

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .atomic import write_atomic, write_text
+
 __all__ = ["RQVAEConfig", "RQVAETrainConfig", "RQVAE", "kmeans", "train_rqvae", "save_rqvae",
            "load_rqvae"]
 
@@ -478,13 +480,24 @@ def save_rqvae(model: RQVAE, path) -> None:
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    wtmp = os.path.join(path, f".{_WEIGHTS}.tmp{os.getpid()}")
-    save_file(state, wtmp, metadata={"format": _FORMAT, "config": json.dumps(model.cfg.to_dict())})
-    os.replace(wtmp, os.path.join(path, _WEIGHTS))
-    ctmp = os.path.join(path, f".{_CONFIG}.tmp{os.getpid()}")
-    with open(ctmp, "w") as f:
-        json.dump({"format": _FORMAT, "config": model.cfg.to_dict()}, f, indent=2)
-    os.replace(ctmp, os.path.join(path, _CONFIG))
+    write_atomic(os.path.join(path, _WEIGHTS), lambda tmp: save_file(
+        state, tmp, metadata={"format": _FORMAT, "config": json.dumps(model.cfg.to_dict())}))
+    write_text(os.path.join(path, _CONFIG), json.dumps({"format": _FORMAT, "config": model.cfg.to_dict()}, indent=2))
+
+
+# Upper bounds load_rqvae puts on a checkpoint's config before anything is built.
+CHECKPOINT_LIMITS = {"input_dim": 1 << 17, "hidden_dim": 1 << 17, "hidden_layers": 64, "latent_dim": 1 << 15,
+                     "levels": 16, "codebook_size": 1 << 20}
+
+
+def _check_limits(cfg: RQVAEConfig, where: str) -> None:
+    for name, v in (("input_dim", cfg.input_dim), ("latent_dim", cfg.latent_dim),
+                    ("hidden_layers", len(cfg.hidden_dims)), ("levels", len(cfg.codebook_sizes)),
+                    ("hidden_dim", max(cfg.hidden_dims, default=0)),
+                    ("codebook_size", max(cfg.codebook_sizes))):
+        if int(v) > CHECKPOINT_LIMITS[name]:
+            raise ValueError(f"{where}: config {name} = {v} is beyond the loader's bound {CHECKPOINT_LIMITS[name]} "
+                             "(rqvae.CHECKPOINT_LIMITS)")
 
 
 def load_rqvae(path, device: str = "cpu") -> RQVAE:
@@ -501,24 +514,37 @@ def load_rqvae(path, device: str = "cpu") -> RQVAE:
     try:
         with open(cpath) as f:
             meta = json.load(f)
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}, expected {_FORMAT!r}")
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            raise ValueError(f"format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {_FORMAT!r}")
+        if not isinstance(meta.get("config"), dict):
+            raise ValueError("no 'config' object")
         cfg = RQVAEConfig.from_dict(meta["config"])
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{cpath}: not a valid RQ-VAE config: {e}") from e
+    except RecursionError:
+        raise ValueError(f"{cpath}: not a valid RQ-VAE config: JSON nested too deeply") from None
+    except (ValueError, KeyError, TypeError, OverflowError) as e:
+        raise ValueError(f"{cpath}: not a valid RQ-VAE config: {str(e)[:200]}") from None
+    _check_limits(cfg, cpath)
+    # the weights' header against the config, before anything is allocated
     try:
-        state = load_file(wpath)
+        from safetensors import safe_open
+
+        with safe_open(wpath, framework="pt") as f:
+            got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{wpath}: cannot read safetensors weights: {e}") from e
-    model = RQVAE(cfg)
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
+        raise ValueError(f"{wpath}: cannot read safetensors weights: {e}") from None
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in RQVAE(cfg).state_dict().items()}
     if want != got:
         missing = sorted(set(want) - set(got))
         extra = sorted(set(got) - set(want))
         shapes = [f"{k}: file {got[k]} vs config {want[k]}" for k in sorted(set(want) & set(got)) if want[k] != got[k]]
         raise ValueError(f"{wpath} does not match {cpath}: missing {missing}, unexpected {extra}, "
                          f"shape mismatches {shapes[:4]}")
+    try:
+        state = load_file(wpath)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{wpath}: cannot read safetensors weights: {e}") from None
+    model = RQVAE(cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model.eval()
     return model.to(_resolve_device(device))

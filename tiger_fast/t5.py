@@ -27,13 +27,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import write_atomic
 from .layout import TokenLayout
 
 __all__ = ["T5Config", "T5", "T5Cache", "relative_position_bucket", "save_t5", "load_t5",
@@ -822,22 +822,11 @@ def _require_transformers():
 # checkpoints
 # ------------------------------------------------------------------------------------------------
 _FORMAT = "tiger_fast.t5/1"
-
-
-def _atomic_write(path: str, write_fn) -> None:
-    """Write via a temporary file in the same directory and os.replace, so a crash never leaves
-    a half-written file under ``path``."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+# Upper bounds load_t5 puts on a checkpoint's config before anything is built (far above any
+# retriever this package trains; the weights' header is checked against the config as well).
+CHECKPOINT_LIMITS = {"vocab_size": 1 << 24, "d_model": 1 << 15, "num_heads": 1 << 10, "d_kv": 1 << 14,
+                     "d_ff": 1 << 17, "num_encoder_layers": 1 << 8, "num_decoder_layers": 1 << 8,
+                     "relative_attention_num_buckets": 1 << 12, "relative_attention_max_distance": 1 << 20}
 
 
 def save_t5(model: T5, layout: TokenLayout, path: str) -> None:
@@ -854,14 +843,14 @@ def save_t5(model: T5, layout: TokenLayout, path: str) -> None:
                          "the model was built for another TokenLayout")
     os.makedirs(path, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(os.path.join(path, "model.safetensors"), lambda p: save_file(tensors, p))
+    write_atomic(os.path.join(path, "model.safetensors"), lambda p: save_file(tensors, p))
     meta = {"format": _FORMAT, "t5_config": model.config.to_dict(), "layout": layout.to_dict()}
 
     def _w(p):
         with open(p, "w") as f:
             json.dump(meta, f, indent=2)
     # config last: a directory with a config.json always has complete weights next to it
-    _atomic_write(os.path.join(path, "config.json"), _w)
+    write_atomic(os.path.join(path, "config.json"), _w)
 
 
 def load_t5(path: str, *, device: str | torch.device = "cpu") -> tuple[T5, TokenLayout]:
@@ -875,28 +864,52 @@ def load_t5(path: str, *, device: str | torch.device = "cpu") -> tuple[T5, Token
     try:
         with open(cfg_path) as f:
             meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {cfg_path!r}: {e}") from e
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+        raise ValueError(f"cannot read {cfg_path!r}: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         raise ValueError(f"{cfg_path!r} is not a {_FORMAT} config (format={meta.get('format') if isinstance(meta, dict) else None!r})")
-    cfg = T5Config.from_dict(meta["t5_config"])
-    layout = TokenLayout.from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in meta["layout"].items()})
+    missing = [k for k in ("t5_config", "layout") if not isinstance(meta.get(k), dict)]
+    if missing:
+        raise ValueError(f"{cfg_path!r} lacks the object(s) {missing}")
+    try:
+        cfg = T5Config.from_dict(meta["t5_config"])
+        layout = TokenLayout.from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in meta["layout"].items()})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_path!r}: invalid config: {e}") from None
     if layout.vocab_size != cfg.vocab_size:
         raise ValueError(f"checkpoint {path!r}: layout vocab {layout.vocab_size} != model vocab {cfg.vocab_size}")
+    # Check the config against the weights' header before building anything: a config.json that
+    # is wrong (d_ff = 10**9, 10**6 layers) must not allocate what it describes.
+    for name, top in CHECKPOINT_LIMITS.items():
+        if getattr(cfg, name) > top:
+            raise ValueError(f"{cfg_path!r}: t5_config.{name} = {getattr(cfg, name)} is beyond the loader's bound "
+                             f"{top} (CHECKPOINT_LIMITS)")
     try:
-        sd = load_file(w_path)
+        from safetensors import safe_open
+
+        with safe_open(w_path, framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read weights {w_path!r}: {e}") from e
-    model = T5(cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    extra = sorted(set(sd) - set(expected))
+        raise ValueError(f"cannot read weights {w_path!r}: {e}") from None
+    for side, n in (("encoder", cfg.num_encoder_layers), ("decoder", cfg.num_decoder_layers)):
+        got = len({k.split(".")[2] for k in shapes if k.startswith(f"{side}.layers.")})
+        if got != n:
+            raise ValueError(f"checkpoint {path!r} weights do not match its config: config.json says {n} {side} "
+                             f"layers, the weights hold {got}")
+    with torch.device("meta"):  # shapes only: no memory
+        expected = {k: tuple(v.shape) for k, v in T5(cfg).state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected))
     if missing or extra:
         raise ValueError(f"checkpoint {path!r} weights do not match its config: missing {missing[:5]}, "
                          f"unexpected {extra[:5]}")
-    for k, v in sd.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(f"checkpoint {path!r}: weight {k} has shape {tuple(v.shape)}, "
-                             f"config implies {tuple(expected[k].shape)}")
+    for k, shp in shapes.items():
+        if shp != expected[k]:
+            raise ValueError(f"checkpoint {path!r}: weight {k} has shape {shp}, config implies {expected[k]}")
+    try:
+        sd = load_file(w_path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read weights {w_path!r}: {e}") from None
+    model = T5(cfg)
     model.load_state_dict(sd, strict=True)
     return model.to(device).eval(), layout
