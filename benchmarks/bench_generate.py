@@ -8,16 +8,22 @@ building a -inf mask, as HF's PrefixConstrainedLogitsProcessor does, then topk o
 
 End to end: the paper-size retriever (tiger_fast.t5.T5 default config, random weights unless
 --checkpoint) on a Beauty-size catalogue (12,101 items, random semantic IDs with collisions,
-histories of 20 items), beam 20, k 10, batch 1 and 256, temperature None and per-level:
-tiger_fast.generate with backend "cpu" and "reference", and HF generate(prefix_allowed_tokens_fn=...)
-on T5.to_hf() with the same weights (beam search only: HF's sampling is a different algorithm).
-Reports latency p50/p99, requests/s, the share of time outside the model forward and in the
-selection step, and how many top-k lists differ from HF's (IDs and order).  The compute floor: the
-forward's FLOPs (forward_flops) at the sgemm rate measured in the same run (sgemm_gflops) give the
-fastest any exact float32 implementation of this model could run here, and so the largest
-speed-up over HF that exactness allows (max_speedup_vs_hf_at_floor).  glibc malloc is set to keep
-freed memory (tiger_fast.cpu_memory) for all contenders unless --no-retain-memory.
+histories of 20 items), beam 20, k 10, batch 1 and 256, temperature None and per-level.  Contenders,
+alternated within every repetition so that load changes on a shared machine hit all alike:
+tiger_fast.generate backend "cpu" in each --precisions mode (names cpu = exact fp32, cpu_bf16,
+cpu_int8) and backend "reference"; HF generate(prefix_allowed_tokens_fn=...) on T5.to_hf() with
+the same weights (beam search only: HF's sampling is a different algorithm); with --ct2,
+CTranslate2 float32 and int8 (int8 weights, float32 activations) of the same weights converted by
+ctranslate2.converters.TransformersConverter, unconstrained beam search (its Python API has no
+per-step logits hook for beam search, so it cannot enforce the trie: its speed is a ceiling
+without the constraint, and valid_id_fraction says how many of its IDs exist).  Per run: p50/p99
+latency and requests/s per contender, how many top-k lists of exact "cpu" differ from HF's
+(hf_mismatched_lists, IDs and order), the fast modes' identical-list share and mean overlap@k vs
+fp32, and ratios (see _ratios).  The compute floor: the forward's FLOPs (forward_flops) at the
+float32 sgemm rate measured in the same run (sgemm_gflops).  glibc malloc is set to keep freed
+memory (tiger_fast.cpu_memory) for all contenders unless --no-retain-memory.
 
+    python benchmarks/bench_generate.py --ct2 --precisions fp32 bf16 int8 --json FILE
     python benchmarks/bench_generate.py --json results/bench_generate.json
     python benchmarks/bench_generate.py --quick          # a smoke run (fewer repetitions)
 """
@@ -228,54 +234,6 @@ def sgemm_gflops(threads: int, reps: int = 5) -> float:
 
 
 # ---- end to end --------------------------------------------------------------------------------------
-class _Timer:
-    """Wraps a callable and accumulates its wall time (seconds)."""
-
-    def __init__(self, fn):
-        self.fn, self.total = fn, 0.0
-
-    def __call__(self, *a, **k):
-        t0 = time.perf_counter()
-        try:
-            return self.fn(*a, **k)
-        finally:
-            self.total += time.perf_counter() - t0
-
-
-def _instrument(model):
-    """Time the model's forward parts (encode, init_cache, decode_step, select_beams,
-    reorder_cache) in place."""
-    timers = {}
-    for name in ("encode", "init_cache", "decode_step", "select_beams", "reorder_cache"):
-        t = _Timer(getattr(model, name))
-        setattr(model, name, t)
-        timers[name] = t
-    return timers
-
-
-def _uninstrument(model, timers):
-    for name in timers:
-        delattr(model, name)
-
-
-def _instrument_selection(backend: str):
-    """Time the selection steps the driver calls (patched module attributes)."""
-    from tiger_fast import _generate_ext as ext
-
-    mod = ext if backend == "cpu" else ref
-    timers = {}
-    for name in ("beam_select_step", "sample_select_step"):
-        t = _Timer(getattr(mod, name))
-        setattr(mod, name, t)
-        timers[name] = (mod, t)
-    return timers
-
-
-def _restore_selection(timers):
-    for name, (mod, t) in timers.items():
-        setattr(mod, name, t.fn)
-
-
 def _percentiles(ts):
     a = np.asarray(ts) * 1e3
     return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
@@ -295,21 +253,78 @@ def hf_generate(hf, table, layout, ids, mask, num_beams, k, allowed):
                           num_return_sequences=k, prefix_allowed_tokens_fn=prefix_fn, length_penalty=0.0,
                           early_stopping=True, max_new_tokens=L + 1, do_sample=False)
     seqs = out[:, 1:1 + L]
-    R = ids.shape[0]
-    rows = torch.full((R * k,), -1, dtype=torch.int64)
-    if seqs.shape[1] == L:
-        offs = torch.tensor([layout.level_offset(l) for l in range(L)])
-        sizes = torch.tensor(layout.level_sizes)
-        codes = seqs - offs
-        ok = ((codes >= 0) & (codes < sizes)).all(1)
-        if ok.any():
-            rows[ok] = torch.as_tensor(table.rows_of_codes(codes[ok]), dtype=torch.int64)
-    return rows.view(R, k)
+    return _seqs_to_rows(seqs, table, layout).view(ids.shape[0], k)
+
+
+def _seqs_to_rows(seqs: torch.Tensor, table, layout) -> torch.Tensor:
+    """Generated ID tokens int64 (N, T) (T >= num_levels; the first num_levels are the ID) -> IdTable
+    rows int64 (N,), -1 where the tokens are not a valid ID of the catalogue."""
+    L = layout.num_levels
+    rows = torch.full((seqs.shape[0],), -1, dtype=torch.int64)
+    if seqs.shape[1] < L:
+        return rows
+    offs = torch.tensor([layout.level_offset(l) for l in range(L)])
+    codes = seqs[:, :L] - offs
+    ok = ((codes >= 0) & (codes < torch.tensor(layout.level_sizes))).all(1)
+    if ok.any():
+        rows[ok] = torch.as_tensor(table.rows_of_codes(codes[ok]), dtype=torch.int64)
+    return rows
+
+
+# ---- CTranslate2: the fastest engine a service could pick instead (it cannot constrain) ------------
+def ct2_convert(model, layout, workdir: str) -> str:
+    """Convert ``model`` (tiger_fast T5) with ``ctranslate2.converters.TransformersConverter`` via
+    ``T5.to_hf()`` and a word-level tokenizer whose token i is the string "t<i>" (pad and eos get
+    T5's names): -> the CTranslate2 model directory (float32 weights; int8 is chosen at load)."""
+    import ctranslate2
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    hf_dir = os.path.join(workdir, "hf")
+    model.to_hf().save_pretrained(hf_dir)
+    vocab = {_ct2_token(layout, i): i for i in range(layout.vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<pad>").save_pretrained(hf_dir)
+    out = os.path.join(workdir, "ct2")
+    ctranslate2.converters.TransformersConverter(hf_dir).convert(out, force=True)
+    return out
+
+
+def _ct2_token(layout, i: int) -> str:
+    return "<pad>" if i == layout.pad_id else "</s>" if i == layout.eos_id else f"t{i}"
+
+
+def ct2_generate(translator, layout, table, ids, mask, num_beams, k) -> torch.Tensor:
+    """CTranslate2 unconstrained beam search (its Python API has no per-step logits hook for beam
+    search) with HF's settings (no length penalty, num_levels + 1 tokens) -> rows int64 (R, k), -1
+    where the generated tokens are not a valid ID."""
+    src = [[_ct2_token(layout, int(t)) for t, m in zip(r, mr) if m] for r, mr in zip(ids.tolist(), mask.tolist())]
+    res = translator.translate_batch(src, beam_size=num_beams, num_hypotheses=k, length_penalty=0.0,
+                                     max_decoding_length=layout.num_levels + 1, return_scores=True)
+    L = layout.num_levels
+    seqs = torch.full((len(src) * k, L), -1, dtype=torch.int64)
+    for r, h in enumerate(res):
+        for j, toks in enumerate(h.hypotheses[:k]):
+            t = [int(x[1:]) if x.startswith("t") else -1 for x in toks[:L]]
+            seqs[r * k + j, :len(t)] = torch.tensor(t, dtype=torch.int64)
+    return _seqs_to_rows(seqs, table, layout).view(len(src), k)
+
+
+# ---- end to end --------------------------------------------------------------------------------------
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean |top-k(a) & top-k(b)| / k over rows (item ids int64 (R, k))."""
+    k = a.shape[1]
+    return float(np.mean([len(set(x.tolist()) & set(y.tolist())) / k for x, y in zip(a, b)]))
 
 
 def end_to_end(args, layout, table, trie) -> dict:
-    from tiger_fast.generate import generate as tf_generate
+    """Every contender alternated within each repetition (so load changes hit all alike); the
+    first repetition is a warm-up."""
+    import tempfile
+
     from tiger_fast.decoding import encoder_batch
+    from tiger_fast.generate import generate as tf_generate
     from tiger_fast.t5 import T5, load_t5, paper_config
 
     if args.checkpoint:
@@ -321,7 +336,7 @@ def end_to_end(args, layout, table, trie) -> dict:
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(1)
     item_ids = table.item_ids.numpy()
-    results = {"threads": args.threads, "num_beams": args.beams, "k": args.k,
+    results = {"threads": args.threads, "num_beams": args.beams, "k": args.k, "precisions": list(args.precisions),
                "model_parameters": int(model.num_parameters()), "runs": []}
     gf = sgemm_gflops(args.threads)
     results["sgemm_gflops"] = gf
@@ -329,69 +344,100 @@ def end_to_end(args, layout, table, trie) -> dict:
     if not args.no_hf:
         hf = model.to_hf().eval()
         allowed = _prefix_table(trie, layout)
+    translators = {}
+    if args.ct2:
+        import ctranslate2
+
+        tmp = tempfile.mkdtemp(prefix="tiger_fast_ct2_")
+        path = ct2_convert(model, layout, tmp)
+        for ct in ("float32", "int8"):  # int8 = int8 weights, float32 activations (int8_float32)
+            translators[f"ct2_{ct}"] = ctranslate2.Translator(path, device="cpu", compute_type=ct,
+                                                              intra_threads=args.threads, inter_threads=1)
+        results["ctranslate2"] = {"version": ctranslate2.__version__,
+                                  "compute_types": {n: t.compute_type for n, t in translators.items()}}
     temps = {"beam": None, "per_level": (2.0, 1.5, 1.0, 0.5)}
+    ours_name = {"fp32": "cpu", "bf16": "cpu_bf16", "int8": "cpu_int8"}
     for batch in args.batches:
         hist = [rng.choice(item_ids, 20, replace=False) for _ in range(batch)]
         users = rng.integers(0, 1_000_000, batch).tolist()
+        ids, mask = encoder_batch(layout, table, hist, users, 20, torch.device("cpu"))
         reps = args.reps_small if batch <= 8 else args.reps_large
         for tname, T in temps.items():
-            per_backend = {}
-            for backend in ("cpu", "reference"):
-                lat, model_t, sel_t = [], 0.0, 0.0
-                res = None
-                for i in range(reps + 1):  # first call = warm-up
-                    mt = _instrument(model)
-                    st = _instrument_selection(backend)
+            contenders = {}
+            for prec in args.precisions:
+                contenders[ours_name[prec]] = (lambda prec=prec: tf_generate(
+                    model, hist, table, user_ids=users, k=args.k, num_beams=args.beams, temperature=T, seed=3,
+                    backend="cpu", trie=trie, precision=prec).item_ids)
+            if not args.no_reference:
+                contenders["reference"] = lambda: tf_generate(model, hist, table, user_ids=users, k=args.k,
+                                                              num_beams=args.beams, temperature=T, seed=3,
+                                                              backend="reference", trie=trie).item_ids
+            if hf is not None and T is None:
+                contenders["hf_generate"] = lambda: _rows_to_items(
+                    hf_generate(hf, table, layout, ids, mask, args.beams, args.k, allowed), table)
+            if T is None:
+                for name, tr in translators.items():
+                    contenders[name] = (lambda tr=tr: _rows_to_items(
+                        ct2_generate(tr, layout, table, ids, mask, args.beams, args.k), table))
+            lat = {n: [] for n in contenders}
+            out = {}
+            for i in range(reps + 1):  # repetition 0 = warm-up
+                for name, fn in contenders.items():
+                    if i > 0 and name in ("hf_generate", "reference") and batch > 8 and i > max(1, reps // 2):
+                        continue  # the slow baselines: half the repetitions at large batch
                     t0 = time.perf_counter()
-                    try:
-                        res = tf_generate(model, hist, table, user_ids=users, k=args.k, num_beams=args.beams,
-                                          temperature=T, seed=3, backend=backend, trie=trie)
-                    finally:
-                        dt = time.perf_counter() - t0
-                        _uninstrument(model, mt)
-                        _restore_selection(st)
+                    out[name] = fn()
                     if i > 0:
-                        lat.append(dt)
-                        model_t += sum(t.total for t in mt.values())
-                        sel_t += sum(t.total for _, t in st.values())
-                total = sum(lat)
-                per_backend[backend] = {**_percentiles(lat), "requests_per_s": batch * len(lat) / total,
-                                        "share_outside_model_forward": 1 - model_t / total,
-                                        "share_in_selection_step": sel_t / total,
-                                        "selection_ms_per_call": 1e3 * sel_t / len(lat),
-                                        "item_ids": res.item_ids}
-            same = torch.equal(per_backend["cpu"]["item_ids"], per_backend["reference"]["item_ids"])
-            run = {"batch": batch, "temperature": tname, "cpu_equals_reference_ids": bool(same)}
+                        lat[name].append(time.perf_counter() - t0)
+            run = {"batch": batch, "temperature": tname, "loadavg_after": list(os.getloadavg()),
+                   "backends": {n: {**_percentiles(v), "requests_per_s": batch * len(v) / sum(v)}
+                                for n, v in lat.items()}}
+            base = out.get("cpu")
+            if base is not None and "reference" in out:
+                run["cpu_equals_reference_ids"] = bool(torch.equal(base, out["reference"]))
+            if base is not None:
+                for prec in ("bf16", "int8"):
+                    n = ours_name[prec]
+                    if n in out:
+                        run[f"{n}_identical_lists_vs_fp32"] = float((out[n] == base).all(1).float().mean())
+                        run[f"{n}_mean_overlap_at_k_vs_fp32"] = _overlap(out[n], base)
+            if "hf_generate" in out and base is not None:
+                run["hf_mismatched_lists"] = int((base != out["hf_generate"]).any(1).sum())
+                run["hf_mismatched_entries"] = int((base != out["hf_generate"]).sum())
+                run["hf_invalid_ids"] = int((out["hf_generate"] < 0).sum())
+            for name in translators:
+                if name in out:
+                    run[f"{name}_valid_id_fraction"] = float((out[name] >= 0).float().mean())
             # The floor: this batch's forward FLOPs at the measured best-case sgemm rate.
             fl = forward_flops(model.config, batch, 1 + layout.num_levels * 20, args.beams, layout.num_levels)
             run["forward_gflop"] = fl / 1e9
             run["forward_floor_ms"] = 1e3 * fl / (gf * 1e9)
-            run["requests_per_s_at_floor"] = batch / (fl / (gf * 1e9))
-            if hf is not None and T is None:
-                ids, mask = encoder_batch(layout, table, hist, users, 20, torch.device("cpu"))
-                lat = []
-                rows = None
-                for i in range(max(1, reps // 2) + 1):
-                    t0 = time.perf_counter()
-                    rows = hf_generate(hf, table, layout, ids, mask, args.beams, args.k, allowed)
-                    if i > 0:
-                        lat.append(time.perf_counter() - t0)
-                hf_items = torch.where(rows >= 0, table.item_ids[rows.clamp(min=0)], torch.full_like(rows, -1))
-                ours = per_backend["cpu"]["item_ids"]
-                per_backend["hf_generate"] = {**_percentiles(lat), "requests_per_s": batch * len(lat) / sum(lat)}
-                run["hf_mismatched_lists"] = int((ours != hf_items).any(1).sum())
-                run["hf_mismatched_entries"] = int((ours != hf_items).sum())
-                run["hf_invalid_ids"] = int((rows < 0).sum())
-                run["speedup_cpu_vs_hf_requests_per_s"] = (per_backend["cpu"]["requests_per_s"]
-                                                           / per_backend["hf_generate"]["requests_per_s"])
-                run["max_speedup_vs_hf_at_floor"] = (run["requests_per_s_at_floor"]
-                                                     / per_backend["hf_generate"]["requests_per_s"])
-            for b in per_backend.values():
-                b.pop("item_ids", None)
-            run["backends"] = per_backend
+            run["ratios"] = _ratios(run["backends"])
             results["runs"].append(run)
             print(json.dumps(run, indent=None, default=float), flush=True)
     return results
+
+
+def _rows_to_items(rows: torch.Tensor, table) -> torch.Tensor:
+    return torch.where(rows >= 0, table.item_ids[rows.clamp(min=0)], torch.full_like(rows, -1))
+
+
+def _ratios(b: dict) -> dict:
+    """The issue's comparisons.  *_requests_per_s: ours / the other's requests/s (> 1: ours is
+    faster); *_p50: ours / the other's p50 latency (< 1: ours is faster).  "fastest" is our mode
+    with the most requests/s in this run."""
+    ours = [n for n in ("cpu", "cpu_bf16", "cpu_int8") if n in b]
+    if not ours:
+        return {}
+    fastest = max(ours, key=lambda n: b[n]["requests_per_s"])
+    out = {"fastest_mode": fastest}
+    for key, mine, other in (("cpu_vs_ct2_float32", "cpu", "ct2_float32"), ("fastest_vs_ct2_int8", fastest, "ct2_int8"),
+                             ("cpu_vs_hf_generate", "cpu", "hf_generate"), ("cpu_vs_reference", "cpu", "reference"),
+                             ("fastest_vs_cpu", fastest, "cpu")):
+        if mine in b and other in b:
+            out[key + "_requests_per_s"] = b[mine]["requests_per_s"] / b[other]["requests_per_s"]
+            out[key + "_p50"] = b[mine]["p50_ms"] / b[other]["p50_ms"]
+    return out
 
 
 def main(argv=None):
@@ -403,7 +449,14 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch/OpenMP threads end to end")
     p.add_argument("--checkpoint", help="a save_t5 checkpoint (default: random weights, paper config)")
+    p.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "int8"],
+                   help="tiger_fast.generate precision modes to time (names cpu, cpu_bf16, cpu_int8)")
+    p.add_argument("--ct2", action="store_true",
+                   help="add CTranslate2 float32 and int8 (unconstrained beam search) as outside anchors")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
+    p.add_argument("--no-reference", action="store_true", help="skip the plain-torch reference backend")
+    p.add_argument("--reps-small", type=int, help="repetitions at batch <= 8 (default 30, --quick 5)")
+    p.add_argument("--reps-large", type=int, help="repetitions at larger batches (default 5, --quick 1)")
     p.add_argument("--skip-e2e", action="store_true", help="selection-alone benchmark only")
     p.add_argument("--skip-selection", action="store_true")
     p.add_argument("--no-retain-memory", action="store_true",
@@ -414,8 +467,8 @@ def main(argv=None):
     if not args.no_retain_memory:
         from tiger_fast.cpu_memory import retain_freed_memory
         retained = retain_freed_memory()
-    args.reps_small = 5 if args.quick else 30
-    args.reps_large = 1 if args.quick else 5
+    args.reps_small = args.reps_small or (5 if args.quick else 30)
+    args.reps_large = args.reps_large or (1 if args.quick else 5)
 
     layout, table, trie = make_catalogue()
     out = {"benchmark": "generate", "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),

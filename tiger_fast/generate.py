@@ -35,6 +35,7 @@ import torch
 from .backends import choose_backend, load_extension
 from .decoding import check_model, encoder_batch, make_stepper, model_device
 from .layout import TokenLayout
+from .precision import check_precision, prepare_model
 from .reference import generate as ref
 from .trie import Trie
 
@@ -50,12 +51,14 @@ class GenerateResult:
     scores   float32 (R, k): summed log-probabilities (untempered, incl. the eos term when eos=True),
              -inf for padding;
     rows     int64 (R, k): rows of the IdTable (-1 = padding);
-    backend  str: the selection backend that ran."""
+    backend  str: the selection backend that ran;
+    precision str: the model forward's precision ("fp32" exact, "bf16", "int8")."""
     item_ids: torch.Tensor
     codes: torch.Tensor
     scores: torch.Tensor
     rows: torch.Tensor
     backend: str = "reference"
+    precision: str = "fp32"
 
 
 # ---- backends --------------------------------------------------------------------------------------
@@ -199,7 +202,7 @@ def _check_int(v, name, lo=1):
 # ---- public entry point ----------------------------------------------------------------------------
 def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beams: int | None = None,
              temperature=None, seed: int = 0, row_keys=None, backend: str = "auto", trie: Trie | None = None,
-             max_history: int = 20, eos: bool = True) -> GenerateResult:
+             max_history: int = 20, eos: bool = True, precision: str = "fp32") -> GenerateResult:
     """Top-k items per request with trie-constrained decoding.
 
     model: ``tiger_fast.t5.T5`` or HF ``T5ForConditionalGeneration`` whose vocabulary is
@@ -219,6 +222,10 @@ def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beam
         (e.g. user ids), default 0..R-1 (the row index: then a row's sample depends on its position
         in the batch; pass row_keys to make it independent of batch composition and order).
     backend: "auto" | "reference" | "cpu" | "cuda" (see the module docstring).
+    precision: the model forward: "fp32" (default, exact: the reference's and HF's IDs, order and
+        scores), "bf16" (matrix products under bfloat16 autocast) or "int8" (int8 weights, CPU);
+        see tiger_fast/precision.py and docs/generate_precision.md.  The selection is exact on
+        the float32 log-probabilities in every mode.
     trie: a prebuilt ``Trie`` over ``id_table`` rows (for serving: build once with
         ``Trie.from_id_table``, then keep it in sync in place: ``rows, codes =
         id_table.add_items(ids, rq_codes); trie.add(rows, codes)`` for cold-start items and
@@ -265,6 +272,8 @@ def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beam
                          "build the trie from this id_table (Trie.from_id_table) or add rows to both")
 
     device = model_device(model)
+    check_precision(model, precision, device)
+    run_model, precision_ctx = prepare_model(model, precision, device)
     ids, mask = encoder_batch(layout, id_table, histories, user_ids, max_history, device)
     R = ids.shape[0]
     if row_keys is None:
@@ -282,8 +291,8 @@ def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beam
     if was_training:  # (eval()/train() walk every submodule: ~2 ms per call on the paper model)
         model.eval()
     try:
-        with torch.inference_mode():
-            stepper = make_stepper(model, ids, mask, L)
+        with torch.inference_mode(), precision_ctx:
+            stepper = make_stepper(run_model, ids, mask, L)
             out = ref.constrained_decode(stepper, trie.tables(sel_device), layout, R, num_beams, use_eos=eos,
                                          temperature=temps, seed=int(seed), row_keys=rk,
                                          beam_step=beam_step, sample_step=sample_step)
@@ -300,4 +309,5 @@ def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beam
         raise ValueError("the trie and id_table disagree (a returned row's semantic ID differs from the "
                          "table's); build the trie from this id_table and keep both in sync on add/remove")
     item_ids = torch.where(ok, id_table.item_ids[rows.clamp(min=0)], torch.full_like(rows, -1))
-    return GenerateResult(item_ids=item_ids, codes=codes, scores=out.scores[:, :k].cpu(), rows=rows, backend=name)
+    return GenerateResult(item_ids=item_ids, codes=codes, scores=out.scores[:, :k].cpu(), rows=rows, backend=name,
+                          precision=precision)
