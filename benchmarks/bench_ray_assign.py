@@ -1,4 +1,4 @@
-"""Throughput of the Ray Data ID assignment (``tiger_fast.distributed.assign_ids_ray``) with 1 vs
+"""Throughput of the Ray Data ID assignment (``tiger_fast.ray_assign.assign_ids_ray``) with 1 vs
 2 map workers on a local Ray instance, next to the single-machine streaming path
 (``tiger_fast.assign.assign_ids``) on the same data; checks that every output is identical.
 
@@ -71,7 +71,7 @@ def main(argv=None):
 
     import ray
     from tiger_fast.assign import assign_ids
-    from tiger_fast.distributed import assign_ids_ray
+    from tiger_fast.ray_assign import assign_ids_ray
     from tiger_fast.layout import TokenLayout
     from tiger_fast.rqvae import RQVAE, RQVAEConfig
 
@@ -93,7 +93,7 @@ def main(argv=None):
         with torch.no_grad():
             model.init_codebooks(torch.from_numpy(x[:20000]), iters=5, generator=g)
         del x
-        from tiger_fast.distributed import ParquetShards
+        from tiger_fast.ray_assign import ParquetShards
 
         single = os.path.join(d, "single.parquet")
         rep = assign_ids(model, ParquetShards(os.path.join(d, "shards")), single, layout=layout,

@@ -26,9 +26,9 @@ from tiger_fast.ids import IdTable
 from tiger_fast.layout import TokenLayout
 from tiger_fast.sequences import Examples, leave_one_out, tokenize_split
 from tiger_fast.t5 import T5, T5Config
-from tiger_fast.distributed import train_rqvae_ddp
 from tiger_fast.rqvae import RQVAEConfig, RQVAETrainConfig, train_rqvae
 from tiger_fast.train import TrainConfig, _ddp_backward, _ShardLoss, init_distributed, train_retriever
+from tiger_fast.world import current_world
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -100,7 +100,7 @@ def _worker(rank, port, out):
         hist = train_retriever(model, ex, config=_cfg(os.path.join(out, "ckpt")), eval_fn=_eval, progress=False)
         torch.save({"history": hist, "state": model.state_dict()}, os.path.join(out, f"train{rank}.pt"))
         # 3) RQ-VAE training with DDP
-        rq, rq_hist = train_rqvae_ddp(_rq_data(), RQ_CFG, RQ_TRAIN, progress=False)
+        rq, rq_hist = train_rqvae(_rq_data(), RQ_CFG, RQ_TRAIN, progress=False, world=current_world())
         torch.save({"history": rq_hist, "state": rq.state_dict()}, os.path.join(out, f"rqvae{rank}.pt"))
     finally:
         dist.destroy_process_group()

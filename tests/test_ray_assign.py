@@ -1,4 +1,4 @@
-"""Ray Data ID assignment (tiger_fast.distributed) == the single-machine streaming path.
+"""Ray Data ID assignment (tiger_fast.ray_assign) == the single-machine streaming path.
 
 CI size: TIGER_FAST_RAY_ITEMS (default 200,000 items in 9 shards, one of them empty); the
 1,000,000-item run was done by hand with TIGER_FAST_RAY_ITEMS=1000000 (see the report / README).
@@ -15,7 +15,7 @@ import torch
 
 from tiger_fast.assign import assign_ids
 from tiger_fast.synthetic import synthetic_latents
-from tiger_fast.distributed import ParquetShards, assign_ids_ray, require_ray
+from tiger_fast.ray_assign import ParquetShards, assign_ids_ray, require_ray
 from tiger_fast.ids import IdTable
 from tiger_fast.layout import TokenLayout
 from tiger_fast.rqvae import RQVAE, RQVAEConfig, save_rqvae

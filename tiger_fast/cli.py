@@ -195,7 +195,7 @@ def cmd_train_rqvae(a):
 
 def cmd_assign_ids(a):
     if a.ray or a.ray_address:
-        from .distributed import assign_ids_ray
+        from .ray_assign import assign_ids_ray
 
         for flag, val in (("--item-ids", a.item_ids), ("--work-dir", a.work_dir), ("--restart", a.restart)):
             if val:

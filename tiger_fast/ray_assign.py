@@ -1,4 +1,4 @@
-"""Scale-out: semantic-ID assignment on Ray Data, and multi-process (DDP) RQ-VAE training.
+"""Semantic-ID assignment on Ray Data (the scale-out twin of ``tiger_fast.assign.assign_ids``).
 
 Ray is an optional extra (``pip install tiger_fast[ray]``); it is imported lazily, and every
 entry point that needs it raises one ImportError saying how to install it.
@@ -46,13 +46,9 @@ Determinism caveats: codes are exact given the latents; latents are bit-identica
 and library versions for CUDA).  A GPU run is therefore compared with ``assign_ids(...,
 device="cuda")``, not with a CPU run.
 
-Multi-process training
-======================
-The retriever's DDP support lives in ``tiger_fast.train`` (``init_distributed`` +
-``train_retriever``).  The RQ-VAE's is ``train_rqvae_ddp`` here (launched with ``torchrun``; see
-that function): ``tiger_fast.rqvae.train_rqvae`` is one closed loop, so this module mirrors it
-step for step with the batch sharded over ranks; tests/test_ddp.py checks it against
-``train_rqvae`` (so a change of that loop that is not mirrored here fails the test).
+Multi-process training (retriever and RQ-VAE) is not here: ``tiger_fast.train.train_retriever`` and
+``tiger_fast.rqvae.train_rqvae(..., world=current_world())`` run on one rank or N
+(tiger_fast/world.py).
 """
 from __future__ import annotations
 
@@ -70,10 +66,9 @@ import torch
 from .assign import EmbeddingSource, _ParquetSource, _file_fingerprint, layout_for_model
 from .ids import _FORMAT as _IDS_FORMAT
 from .layout import TokenLayout
-from .rqvae import (ENCODE_BLOCK, RQVAE, RQVAEConfig, RQVAETrainConfig, _check_embeddings, _final_stats,
-                    _reset_dead_codes, _resolve_device, load_rqvae)
+from .rqvae import ENCODE_BLOCK, RQVAE, load_rqvae
 
-__all__ = ["ParquetShards", "assign_ids_ray", "require_ray", "train_rqvae_ddp"]
+__all__ = ["ParquetShards", "assign_ids_ray", "require_ray"]
 
 _ROW_GROUP = 1 << 20  # rows per output row group (the same as tiger_fast.assign: identical files)
 
@@ -556,146 +551,3 @@ def _run(ray, model: RQVAE, layout: TokenLayout, src: ParquetShards, units, outp
             "max_group_size": max(hist) if hist else 0, "collision_histogram": hist,
             "codebook_usage": [float(u.mean()) for u in used], "collision_usage": float(used_c.mean()),
             "timing": timing}
-
-
-# ---------------------------------------------------------------------------------------------
-# RQ-VAE training with DDP
-# ---------------------------------------------------------------------------------------------
-def train_rqvae_ddp(embeddings, cfg: RQVAEConfig | None = None, train_cfg: RQVAETrainConfig | None = None,
-                    progress: bool = True, log=None):
-    """``tiger_fast.rqvae.train_rqvae`` over a ``torch.distributed`` process group (DDP).
-
-    Launch with ``torchrun --nproc_per_node=N`` after ``tiger_fast.train.init_distributed()``
-    (gloo on CPU, NCCL on GPU; ``train_cfg.device`` "cuda" means ``cuda:LOCAL_RANK``).  Every rank
-    passes the SAME ``embeddings`` float (N, input_dim) (e.g. a memory-mapped .npy) and draws the
-    same seeded permutations, so all ranks see the same global batches of ``batch_size`` items;
-    rank r trains on the r-th of ``world_size`` contiguous slices of each batch, with its mean
-    loss weighted by ``world_size * rows_r / rows_batch`` so that DDP's gradient average is the
-    global batch's gradient.  Everything else follows ``train_rqvae``: k-means init on the same
-    sample (computed on every rank, then rank 0's codebooks broadcast), per-epoch code usage
-    (OR over ranks), dead-code reset from the residuals of the epoch's last full batch (gathered
-    from all ranks in batch order, so every rank makes the same reset with the same generator),
-    epoch losses (summed over ranks).  Returns ``(model, history)`` as ``train_rqvae`` on every
-    rank (identical replicas); without a process group of > 1 ranks it simply calls
-    ``train_rqvae``.
-
-    Nondeterminism: as for the retriever, the gradient all-reduce sums in its own order and each
-    rank's encoder runs on a smaller batch, so results equal ``train_rqvae``'s up to float32
-    rounding (tested: losses within 1e-5 relative, weights within 1e-4); a latent within rounding
-    of a tie between two codewords could take the other code, after which runs differ more.
-    """
-    import torch.distributed as dist
-
-    from .rqvae import train_rqvae
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return train_rqvae(embeddings, cfg, train_cfg, progress=progress, log=log)
-    ws, rank = dist.get_world_size(), dist.get_rank()
-    x = embeddings
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x))
-    if cfg is None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 2:
-            raise ValueError("embeddings must be a 2-D float array (N, input_dim)")
-        cfg = RQVAEConfig(input_dim=int(x.shape[1]))
-    train_cfg = train_cfg or RQVAETrainConfig()
-    x = _check_embeddings(x, cfg.input_dim, "embeddings")
-    n = x.shape[0]
-    if n == 0:
-        raise ValueError("embeddings is empty; need at least one item to train the RQ-VAE")
-    dev = _resolve_device(train_cfg.device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-    if (dev.type == "cuda") != (dist.get_backend() == "nccl"):
-        raise ValueError(f"process group backend {dist.get_backend()!r} does not fit device {dev}; use gloo "
-                         "on CPU and nccl on CUDA (tiger_fast.train.init_distributed picks it)")
-    gen = torch.Generator(device="cpu").manual_seed(int(train_cfg.seed))
-    torch_state = torch.random.get_rng_state()
-    torch.manual_seed(int(train_cfg.seed))  # only for nn.Linear's default init; restored below
-    try:
-        model = RQVAE(cfg).to(dev)
-    finally:
-        torch.random.set_rng_state(torch_state)
-    x = x.to(dev)
-    bs = min(int(train_cfg.batch_size), n)
-    sample = torch.randperm(n, generator=gen)[: min(int(train_cfg.kmeans_sample), n)].to(dev)
-    model.init_codebooks(x[sample], iters=int(train_cfg.kmeans_iters), generator=gen)
-    # DDP's constructor broadcasts rank 0's parameters (codebooks included): identical replicas
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    if train_cfg.optimizer == "adagrad":
-        opt = torch.optim.Adagrad(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-
-    history: list[dict] = []
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=int(train_cfg.epochs), desc="rqvae (ddp)", unit="epoch")
-    reset_stop = int(math.floor(train_cfg.reset_until * train_cfg.epochs))
-    L = model.num_levels
-    model.train()
-    for epoch in range(int(train_cfg.epochs)):
-        t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen).to(dev)
-        used = [torch.zeros(k, dtype=torch.bool, device=dev) for k in cfg.codebook_sizes]
-        tot = torch.zeros(3, dtype=torch.float64, device=dev)  # loss, recon_loss, rq_loss
-        last, last_rows = None, 0
-        for i in range(0, n, bs):
-            rows = perm[i: i + bs]
-            part = torch.tensor_split(rows, ws)[rank]
-            m = int(part.numel())
-            xb = x[part] if m else x[rows[:1]]  # an empty shard: a stand-in row with weight 0
-            out = ddp(xb)
-            scale = ws * m / rows.numel()
-            opt.zero_grad(set_to_none=True)
-            (out["loss"] * scale).backward()  # DDP averages over ranks -> the global batch gradient
-            opt.step()
-            w = m / n
-            tot += torch.stack([out[k].detach().double() for k in ("loss", "recon_loss", "rq_loss")]) * w
-            if m:
-                for l in range(L):
-                    used[l][out["codes"][:, l]] = True
-            if last is None or rows.numel() >= last_rows:
-                last, last_rows = ([r[:m] for r in out["residuals"]]), rows.numel()
-        dist.all_reduce(tot)
-        used_t = torch.cat([u.to(torch.uint8) for u in used])
-        dist.all_reduce(used_t, op=dist.ReduceOp.MAX)
-        used = list(torch.split(used_t.bool(), list(cfg.codebook_sizes)))
-        resets = [0] * L
-        if train_cfg.dead_code_reset and epoch < reset_stop:
-            pool = [_all_gather_rows(dist, r, ws) for r in last]  # the whole last batch, in batch order
-            resets = _reset_dead_codes(model, used, pool, gen)
-        vals = [float(v) for v in tot.cpu()]
-        rec = {"epoch": epoch + 1, "loss": vals[0], "recon_loss": vals[1], "rq_loss": vals[2],
-               "usage": [float(u.float().mean()) for u in used], "dead_reset": resets,
-               "seconds": time.perf_counter() - t0}
-        if not all(math.isfinite(v) for v in vals):
-            raise FloatingPointError(f"RQ-VAE training diverged at epoch {epoch + 1} (loss {vals[0]}); "
-                                     "lower the learning rate")
-        history.append(rec)
-        if log is not None and rank == 0:
-            log(rec)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{vals[0]:.4f}", recon=f"{vals[1]:.4f}",
-                            usage="/".join(f"{u:.2f}" for u in rec["usage"]))
-    if bar is not None:
-        bar.close()
-    model.eval()
-    if history:
-        history[-1].update(_final_stats(model, x, bs))
-    return model, history
-
-
-def _all_gather_rows(dist, t: torch.Tensor, ws: int) -> torch.Tensor:
-    """Concatenate every rank's rows of ``t`` float (m_r, d) in rank order (m_r may differ)."""
-    m = torch.tensor([t.shape[0]], device=t.device)
-    sizes = [torch.zeros_like(m) for _ in range(ws)]
-    dist.all_gather(sizes, m)
-    sizes = [int(s) for s in sizes]
-    pad = torch.zeros((max(sizes), t.shape[1]), dtype=t.dtype, device=t.device)
-    pad[: t.shape[0]] = t
-    bufs = [torch.empty_like(pad) for _ in range(ws)]
-    dist.all_gather(bufs, pad)
-    return torch.cat([b[:s] for b, s in zip(bufs, sizes)])

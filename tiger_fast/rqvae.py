@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from .atomic import write_atomic, write_text
+from .world import World, gather_rows, rank_device
 
 __all__ = ["RQVAEConfig", "RQVAETrainConfig", "RQVAE", "kmeans", "train_rqvae", "save_rqvae",
            "load_rqvae"]
@@ -339,8 +340,8 @@ def _resolve_device(device: str) -> torch.device:
 
 
 def train_rqvae(embeddings, cfg: RQVAEConfig | None = None, train_cfg: RQVAETrainConfig | None = None,
-                progress: bool = True, log: Callable[[dict], None] | None = None):
-    """Train an RQ-VAE on item embeddings.
+                progress: bool = True, log: Callable[[dict], None] | None = None, *, world: World | None = None):
+    """Train an RQ-VAE on item embeddings, in this process or over the ranks of a process group.
 
     embeddings: float (N, input_dim) numpy array or tensor (N >= 1, finite).
     cfg: RQVAEConfig (default: paper architecture with input_dim from the embeddings);
@@ -350,7 +351,25 @@ def train_rqvae(embeddings, cfg: RQVAEConfig | None = None, train_cfg: RQVAETrai
     (list of L counts of re-seeded codes), seconds); the last record also has final_usage,
     final_unique_prefixes and final_max_group for all items under the final weights.
     Deterministic for a given seed on CPU.
+
+    world: None trains in this process.  A :class:`tiger_fast.world.World` (under ``torchrun``:
+    ``tiger_fast.train.init_distributed()`` then ``world=current_world()``) trains with DDP (gloo
+    on CPU, NCCL on GPU; ``train_cfg.device`` "cuda" means ``cuda:LOCAL_RANK``).  Every rank passes
+    the SAME ``embeddings`` (e.g. a memory-mapped .npy) and draws the same seeded permutations, so
+    all ranks see the same global batches of ``batch_size`` items; rank r trains on the r-th of
+    ``world.size`` contiguous slices of each batch, its mean loss weighted by
+    ``size * rows_r / rows_batch`` so that DDP's gradient average is the global batch's gradient.
+    The k-means init runs on every rank on the same sample (DDP then broadcasts rank 0's
+    codebooks); code usage is OR-ed over ranks; the dead-code reset uses the residuals of the
+    epoch's last full batch gathered from all ranks in batch order (every rank makes the same reset
+    with the same generator); epoch losses are summed over ranks; only rank 0 logs and shows
+    progress.  Every rank returns the same replica.  Results equal the one-process run's up to
+    float32 rounding (the all-reduce sums in its own order and each rank's encoder sees a smaller
+    batch; tests/test_ddp.py: losses within 1e-5 relative, weights within 1e-4); a latent within
+    rounding of a tie between two codewords could take the other code, after which runs differ more.
     """
+    if world is not None and not isinstance(world, World):
+        raise TypeError(f"world must be None or a tiger_fast.world.World (current_world()), got {type(world).__name__}")
     x = embeddings
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x))
@@ -364,6 +383,9 @@ def train_rqvae(embeddings, cfg: RQVAEConfig | None = None, train_cfg: RQVAETrai
     if n == 0:
         raise ValueError("embeddings is empty; need at least one item to train the RQ-VAE")
     dev = _resolve_device(train_cfg.device)
+    ws, rank = (1, 0) if world is None else (world.size, world.rank)
+    if world is not None:
+        dev = rank_device(dev, world)
     gen = torch.Generator(device="cpu").manual_seed(int(train_cfg.seed))
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(int(train_cfg.seed))  # only for nn.Linear's default init; restored below
@@ -376,6 +398,10 @@ def train_rqvae(embeddings, cfg: RQVAEConfig | None = None, train_cfg: RQVAETrai
 
     sample = torch.randperm(n, generator=gen)[: min(int(train_cfg.kmeans_sample), n)].to(dev)
     model.init_codebooks(x[sample], iters=int(train_cfg.kmeans_iters), generator=gen)
+    step_model = model
+    if world is not None:  # DDP's constructor broadcasts rank 0's parameters (codebooks included)
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     if train_cfg.optimizer == "adagrad":
         opt = torch.optim.Adagrad(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
@@ -384,45 +410,58 @@ def train_rqvae(embeddings, cfg: RQVAEConfig | None = None, train_cfg: RQVAETrai
 
     history: list[dict] = []
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm.auto import tqdm
-        bar = tqdm(total=int(train_cfg.epochs), desc="rqvae", unit="epoch")
+        bar = tqdm(total=int(train_cfg.epochs), desc="rqvae" if world is None else "rqvae (ddp)", unit="epoch")
     reset_stop = int(math.floor(train_cfg.reset_until * train_cfg.epochs))
+    L = model.num_levels
     model.train()
     for epoch in range(int(train_cfg.epochs)):
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen).to(dev)
         used = [torch.zeros(k, dtype=torch.bool, device=dev) for k in cfg.codebook_sizes]
-        tot = {"loss": 0.0, "recon_loss": 0.0, "rq_loss": 0.0}
-        last = None
+        tot = torch.zeros(3, dtype=torch.float64, device=dev)  # loss, recon_loss, rq_loss
+        last, last_rows = None, 0
         for i in range(0, n, bs):
-            xb = x[perm[i: i + bs]]
-            out = model(xb)
+            rows = perm[i: i + bs]
+            part = rows if world is None else torch.tensor_split(rows, ws)[rank]  # this rank's slice
+            m = int(part.numel())
+            xb = x[part] if m else x[rows[:1]]  # an empty slice: a stand-in row with weight 0
+            out = step_model(xb)
+            loss = out["loss"]
+            if world is not None:  # DDP averages over ranks -> the global batch's gradient
+                loss = loss * (ws * m / rows.numel())
             opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
+            loss.backward()
             opt.step()
-            w = xb.shape[0] / n
-            for k in tot:
-                tot[k] += float(out[k].detach()) * w
-            for l in range(model.num_levels):
-                used[l][out["codes"][:, l]] = True
-            if last is None or xb.shape[0] >= last[0].shape[0]:
-                last = out["residuals"]  # the epoch's last full batch: the dead-code reset pool
-        resets = [0] * model.num_levels
+            tot += torch.stack([out[k].detach().double() for k in ("loss", "recon_loss", "rq_loss")]) * (m / n)
+            if m:
+                for l in range(L):
+                    used[l][out["codes"][:, l]] = True
+            if last is None or rows.numel() >= last_rows:  # the epoch's last full batch: the reset pool
+                last, last_rows = [r[:m] for r in out["residuals"]], rows.numel()
+        if world is not None:
+            world.dist.all_reduce(tot)
+            used_t = torch.cat([u.to(torch.uint8) for u in used])
+            world.dist.all_reduce(used_t, op=world.dist.ReduceOp.MAX)
+            used = list(torch.split(used_t.bool(), list(cfg.codebook_sizes)))
+        resets = [0] * L
         if train_cfg.dead_code_reset and epoch < reset_stop:
-            resets = _reset_dead_codes(model, used, last, gen)
-        rec = {"epoch": epoch + 1, **tot,
+            pool = last if world is None else [gather_rows(world, r) for r in last]  # whole batch, in order
+            resets = _reset_dead_codes(model, used, pool, gen)
+        vals = [float(v) for v in tot.cpu()]
+        rec = {"epoch": epoch + 1, "loss": vals[0], "recon_loss": vals[1], "rq_loss": vals[2],
                "usage": [float(u.float().mean()) for u in used], "dead_reset": resets,
                "seconds": time.perf_counter() - t0}
-        if not all(math.isfinite(v) for v in tot.values()):
-            raise FloatingPointError(f"RQ-VAE training diverged at epoch {epoch + 1} (loss {tot['loss']}); "
+        if not all(math.isfinite(v) for v in vals):
+            raise FloatingPointError(f"RQ-VAE training diverged at epoch {epoch + 1} (loss {vals[0]}); "
                                      "lower the learning rate")
         history.append(rec)
-        if log is not None:
+        if log is not None and rank == 0:
             log(rec)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{tot['loss']:.4f}", recon=f"{tot['recon_loss']:.4f}",
+            bar.set_postfix(loss=f"{vals[0]:.4f}", recon=f"{vals[1]:.4f}",
                             usage="/".join(f"{u:.2f}" for u in rec["usage"]))
     if bar is not None:
         bar.close()

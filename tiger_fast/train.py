@@ -62,6 +62,7 @@ from .layout import TokenLayout
 from .sequences import Examples
 from .atomic import write_atomic
 from .t5 import T5, T5Config, save_t5
+from .world import World, current_world, rank_device
 
 __all__ = ["TrainConfig", "lr_at", "train_retriever", "latest_checkpoint", "load_checkpoint",
            "init_distributed", "ExampleOrder"]
@@ -434,11 +435,7 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
         if cfg.batch_size < ws:
             raise ValueError(f"TrainConfig.batch_size ({cfg.batch_size}) must be >= the world size ({ws}): "
                              "every rank needs a non-empty shard of each global batch")
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-        if (device.type == "cuda") != (dist.get_backend() == "nccl"):
-            raise ValueError(f"process group backend {dist.get_backend()!r} does not fit device {device}; use "
-                             "gloo with device='cpu' and nccl with device='cuda' (init_distributed picks it)")
+        device = rank_device(device, World(dist, ws, rank))  # the check train_rqvae makes too
     model.to(device)
     opt = _make_optimizer(model, cfg)
 
@@ -771,11 +768,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800) -> tup
 
 def _dist_state():
     """(torch.distributed module, world size, rank) when a group of > 1 ranks is initialised, else (None, 1, 0)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist, dist.get_world_size(), dist.get_rank()
-    return None, 1, 0
+    w = current_world()
+    return (None, 1, 0) if w is None else (w.dist, w.size, w.rank)
 
 
 class _ShardLoss(torch.nn.Module):
