@@ -198,3 +198,61 @@ def test_rqvae_config_missing_keys_or_deep_json(tmp_path, text, match):
     (p / "rqvae_config.json").write_text(text)
     with pytest.raises(ValueError, match=match):
         load_rqvae(p)
+
+
+# --- generate on a model left in train() mode, from several threads (issue 14, 4) ---------------
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_generate_train_mode_model_from_two_threads(backend):
+    """Thread A switches a train()-mode model to eval for its call; thread B starts meanwhile and is
+    held inside its decode until A has returned.  B must still decode in eval mode (before the fix,
+    A's return switched the model back to train() under B: dropout changed B's result)."""
+    import threading
+
+    from tiger_fast.generate import generate
+    from tiger_fast.ids import IdTable
+    from tiger_fast.layout import TokenLayout
+    from tiger_fast.t5 import T5, T5Config
+
+    layout = TokenLayout(codebook_sizes=(7, 5, 3), collision_size=8, num_user_tokens=11)
+    rng = np.random.default_rng(0)
+    n = 101
+    codes = np.stack([rng.integers(0, s, n) for s in layout.codebook_sizes], 1)
+    table = IdTable.from_rq_codes(layout, np.arange(n), codes)
+    model = T5(T5Config(vocab_size=layout.vocab_size, d_model=16, num_heads=2, d_kv=8, d_ff=32,
+                        num_encoder_layers=1, num_decoder_layers=1, dropout=0.5), seed=0)
+    hist = [rng.integers(0, n, 9) for _ in range(5)]
+    ref = generate(model.eval(), hist, table, k=6, backend=backend)
+    model.train()
+    out, a_done, b_inside = {}, threading.Event(), threading.Event()
+    flags = {"started": False, "held": False}
+
+    def b():
+        out["B"] = generate(model, hist, table, k=6, backend=backend)
+
+    tb = threading.Thread(target=b, name="B")
+
+    def hook(mod, args):
+        name = threading.current_thread().name
+        if name == "A" and not flags["started"]:
+            flags["started"] = True
+            tb.start()
+            b_inside.wait(10)  # B is inside its call before A goes on
+        elif name == "B" and not flags["held"]:
+            flags["held"] = True
+            b_inside.set()
+            a_done.wait(10)  # hold B mid-decode until A has returned
+    h = model.shared.register_forward_pre_hook(hook)
+
+    def a():
+        out["A"] = generate(model, hist, table, k=6, backend=backend)
+        a_done.set()
+    ta = threading.Thread(target=a, name="A")
+    ta.start()
+    ta.join(30)
+    tb.join(30)
+    h.remove()
+    assert flags == {"started": True, "held": True}
+    for name in "AB":
+        assert torch.equal(out[name].item_ids, ref.item_ids), name
+        assert torch.equal(out[name].scores, ref.scores), name
+    assert model.training  # the caller's mode is restored once both calls are done

@@ -27,6 +27,7 @@ for the one caveat about float64 transcendental functions).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -287,9 +288,7 @@ def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beam
     beam_step, sample_step, finish = _selector(name, device)
     sel_device = torch.device("cpu") if name == "cpu" else device
 
-    was_training = model.training
-    if was_training:  # (eval()/train() walk every submodule: ~2 ms per call on the paper model)
-        model.eval()
+    borrowed = _enter_eval(model)  # a train()-mode model: eval for this call, thread-safe
     try:
         with torch.inference_mode(), precision_ctx:
             stepper = make_stepper(run_model, ids, mask, L)
@@ -298,8 +297,7 @@ def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beam
                                          beam_step=beam_step, sample_step=sample_step)
             finish()
     finally:
-        if was_training:
-            model.train(True)
+        _exit_eval(model, borrowed)
     rows = out.rows[:, :k].cpu()
     codes = out.codes[:, :k].cpu()
     ok = rows >= 0
@@ -311,3 +309,34 @@ def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beam
     item_ids = torch.where(ok, id_table.item_ids[rows.clamp(min=0)], torch.full_like(rows, -1))
     return GenerateResult(item_ids=item_ids, codes=codes, scores=out.scores[:, :k].cpu(), rows=rows, backend=name,
                           precision=precision)
+
+
+# A model left in train() mode is switched to eval() for a call and back to train() when the last
+# call using it returns, so concurrent calls never see a mode another call changed under them.
+# (eval()/train() walk every submodule, ~2 ms on the paper model: a model already in eval mode
+# skips them.)  Changing the mode yourself while calls are in flight is not supported.
+_MODE_LOCK = threading.Lock()
+_BORROWED: dict[int, list] = {}  # id(model) -> [calls in flight]
+
+
+def _enter_eval(model) -> bool:
+    with _MODE_LOCK:
+        st = _BORROWED.get(id(model))
+        if st is None:
+            if not model.training:
+                return False
+            st = _BORROWED[id(model)] = [0]
+            model.eval()
+        st[0] += 1
+        return True
+
+
+def _exit_eval(model, borrowed: bool) -> None:
+    if not borrowed:
+        return
+    with _MODE_LOCK:
+        st = _BORROWED[id(model)]
+        st[0] -= 1
+        if st[0] == 0:
+            del _BORROWED[id(model)]
+            model.train(True)
