@@ -9,6 +9,7 @@
     tiger-fast evaluate    --data SPEC --ids ids.parquet --model retriever/
     tiger-fast recommend   --data SPEC --ids ids.parquet --model retriever/ --user U
     tiger-fast batch-recall --data SPEC --ids ids.parquet --model retriever/ --out recs.parquet [--redis URL]
+    tiger-fast serve       --ids ids.parquet --model retriever/ [--data SPEC] [--rqvae rqvae/] [--port 8000]
 
 Dataset SPECs: ``synthetic[:items=2000,users=3000,seed=0]``, ``beauty[:DIR]``, ``scientific``,
 ``lcrec:DIR:NAME``, ``amazon2014:REVIEWS:META``, ``tables:ITEMS:INTERACTIONS``.
@@ -373,6 +374,35 @@ def cmd_batch_recall(a):
     _print_json(rep)
 
 
+def cmd_serve(a):
+    """HTTP service (tiger_fast/serve.py): loads in the background, /health says when it is ready."""
+    from .serve import ServeConfig, load_recommender, run_server
+
+    paths = [("--ids", a.ids), ("--model", a.model)] + ([("--rqvae", a.rqvae)] if a.rqvae else [])
+    for flag, path in paths:
+        if not os.path.exists(path):
+            raise CliError(f"{flag}: no such file or directory {path!r}")
+    try:
+        cfg = ServeConfig(max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, max_queue=a.max_queue, max_k=a.max_k,
+                          max_history=a.max_history, backend=a.backend, precision=a.precision, threads=a.threads,
+                          embed_model=a.embed_model, shutdown_timeout_s=a.shutdown_timeout)
+    except ValueError as e:  # "max_batch must be ..." -> "--max-batch must be ..."
+        name, _, rest = str(e).partition(" ")
+        raise CliError(f"--{name.replace('_', '-')} {rest}") from None
+    model_dir = _resolve_model_dir(a.model)
+
+    def loader():
+        ds = None
+        if a.data:
+            try:
+                ds = load_dataset_spec(a.data)
+            except (ValueError, TypeError, OSError) as e:
+                raise ValueError(f"--data {a.data}: {e}") from e
+        return load_recommender(model_dir, a.ids, rqvae_dir=a.rqvae, dataset=ds, cfg=cfg)
+
+    return run_server(loader, cfg, host=a.host, port=a.port, log_level=a.log_level, access_log=a.access_log)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tiger-fast", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -498,6 +528,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--temperature", type=_temperature, default=None)
     sp.add_argument("--redis", default=None, help="redis://host:port/db to load the lists into (atomic)")
     sp.add_argument("--redis-prefix", default="tiger:rec:")
+
+    sp = add("serve", cmd_serve, "HTTP service: POST /recommend (dynamic micro-batching), POST/DELETE /items "
+                                 "(hot items), GET /health, GET /metrics (README, 'Online serving')")
+    if not issubclass(sp.formatter_class, argparse.ArgumentDefaultsHelpFormatter):
+        sp.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    sp.add_argument("--ids", required=True, help="ID table Parquet from assign-ids")
+    sp.add_argument("--model", required=True, help="retriever directory from `tiger-fast train`")
+    sp.add_argument("--data", default=None, help="dataset SPEC: string item/user ids come from it (None: the "
+                                                 "ID table's int ids)")
+    sp.add_argument("--rqvae", default=None, help="RQ-VAE directory; needed for POST /items (new items)")
+    sp.add_argument("--embed-model", default=None, help="sentence-transformers model for items sent as text "
+                                                        "(None: the packaged all-MiniLM-L6-v2)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sp.add_argument("--port", type=int, default=8000, help="port (0: any free one; printed at start)")
+    sp.add_argument("--max-batch", type=int, default=32, help="requests decoded together (1: no batching)")
+    sp.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for a batch to fill")
+    sp.add_argument("--max-queue", type=int, default=256, help="queued requests before 503 + Retry-After")
+    sp.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
+    sp.add_argument("--max-history", type=int, default=20, help="history items the encoder reads")
+    sp.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda"], help="decoding backend")
+    sp.add_argument("--precision", default="fp32", help="numeric mode (other than fp32 only where generate() "
+                                                        "takes precision=)")
+    sp.add_argument("--threads", type=int, default=None, help="torch intra-op threads (None: torch's default)")
+    sp.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight requests")
+    sp.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                    help="uvicorn log level")
+    sp.add_argument("--access-log", action="store_true", help="log every request")
     return p
 
 
