@@ -75,14 +75,13 @@ import numpy as np
 import torch
 
 from .atomic import check_target, clean_stale_temps, fsync_dir, temp_name, write_atomic
-from .ids import _FORMAT as _IDS_FORMAT
+from .ids import IdRowGroupWriter, id_file_schema
 from .layout import TokenLayout
 from .rqvae import ENCODE_BLOCK, RQVAE, load_rqvae
 
 __all__ = ["assign_ids", "EmbeddingSource", "open_source"]
 
 _MANIFEST_FORMAT = "tiger_fast.assign/1"
-_ROW_GROUP = 1 << 20  # rows per output row group
 _LOCK = "lock"  # work_dir/lock: fcntl lock held by every run using the work dir
 _FINGERPRINT = "fingerprint"  # in every chunk / partition directory: the run that wrote it
 _TEMP_NAME = re.compile(r"^\.(.+)\.tmp-\d+-[0-9a-f]{8}$")  # atomic.temp_name
@@ -649,36 +648,13 @@ def _reduce_phase(layout: TokenLayout, plan: _Plan, work_dir, fingerprint, callb
 
 
 def _write_output(layout: TokenLayout, plan: _Plan, work_dir, output) -> None:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     L1 = layout.num_levels
-    names = ["item_id"] + [f"c{l}" for l in range(L1)]
-    schema = pa.schema([(c, pa.int64()) for c in names]).with_metadata(
-        {b"tiger_fast.format": _IDS_FORMAT.encode(),
-         b"tiger_fast.layout": json.dumps(layout.to_dict()).encode()})
-    # Row groups of exactly ROW_GROUP rows (the last one shorter) whatever the partitioning, so
-    # the file's bytes do not depend on partition_rows / chunk_size.
-    buf: list[np.ndarray] = []
-    nbuf = 0
-
-    def flush(w, final: bool):
-        nonlocal buf, nbuf
-        if not buf:
-            return
-        rows = np.concatenate(buf)
-        k = 0
-        while rows.shape[0] - k >= _ROW_GROUP or (final and k < rows.shape[0]):
-            part = rows[k: k + _ROW_GROUP]
-            w.write_table(pa.Table.from_arrays([pa.array(part[:, j]) for j in range(L1 + 1)], schema=schema),
-                          row_group_size=_ROW_GROUP)
-            k += part.shape[0]
-        buf = [rows[k:]] if k < rows.shape[0] else []
-        nbuf = rows.shape[0] - k
 
     def write(tmp):
-        nonlocal nbuf
-        with pq.ParquetWriter(tmp, schema) as w:
+        with pq.ParquetWriter(tmp, id_file_schema(layout)) as w:
+            out = IdRowGroupWriter(w, layout)  # fixed row groups: bytes independent of partitioning
             for p in range(plan.P):
                 pdir = os.path.join(work_dir, "reduce", f"p{p:06d}")
                 keys = np.load(os.path.join(pdir, "keys.npy"))
@@ -690,10 +666,7 @@ def _write_output(layout: TokenLayout, plan: _Plan, work_dir, output) -> None:
                 rows[:, 0] = ids
                 rows[:, 1:L1] = np.stack(np.unravel_index(keys, layout.codebook_sizes), axis=1)
                 rows[:, L1] = cc
-                buf.append(rows)
-                nbuf += keys.size
-                if nbuf >= _ROW_GROUP:
-                    flush(w, final=False)
-            flush(w, final=True)
+                out.add(rows)
+            out.close()
 
     write_atomic(output, write, what="output")

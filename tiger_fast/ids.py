@@ -27,9 +27,13 @@ import torch
 
 from .layout import TokenLayout
 
-__all__ = ["assign_collision_tokens", "IdTable", "semantic_id_report", "code_branching"]
+__all__ = ["assign_collision_tokens", "IdTable", "semantic_id_report", "code_branching", "id_file_schema",
+           "IdRowGroupWriter", "ID_ROW_GROUP"]
 
 _FORMAT = "tiger_fast.id_table/1"
+
+#: Rows per row group of the ID files the streaming writers produce (the last group is shorter).
+ID_ROW_GROUP = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,6 +475,66 @@ class IdTable:
                 raise ValueError(f"{path}: column {c} must be int64, got {t.column(c).type}")
             cols.append(np.array(arr, dtype=np.int64))  # an owned, writable copy
         return cls(file_layout, cols[0], np.stack(cols[1:], axis=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming ID files (tiger_fast.assign, tiger_fast.ray_assign)
+# ---------------------------------------------------------------------------------------------
+def id_file_schema(layout: TokenLayout):
+    """The pyarrow schema of an ID file: int64 columns item_id, c0..c{L}, the format and the
+    layout (JSON) in the schema metadata (what :meth:`IdTable.from_parquet` reads back)."""
+    import pyarrow as pa
+
+    names = ["item_id"] + [f"c{l}" for l in range(layout.num_levels)]
+    return pa.schema([(c, pa.int64()) for c in names]).with_metadata(
+        {b"tiger_fast.format": _FORMAT.encode(), b"tiger_fast.layout": json.dumps(layout.to_dict()).encode()})
+
+
+class IdRowGroupWriter:
+    """Streams ID rows into an open ``pyarrow.parquet.ParquetWriter`` (schema
+    :func:`id_file_schema`) in row groups of exactly :data:`ID_ROW_GROUP` rows, the last one shorter,
+    so the file's bytes depend only on the rows and their order, never on how they arrived (the
+    single-machine and the Ray assignment write byte-identical files through this one writer).
+
+        with pq.ParquetWriter(tmp, id_file_schema(layout)) as w:
+            rows = IdRowGroupWriter(w, layout)
+            for part in parts:
+                rows.add(part)      # int64 (n, L + 1): item_id, c0..c{L}, in file order
+            rows.close()            # the last, shorter row group
+    """
+
+    def __init__(self, writer, layout: TokenLayout):
+        self.writer = writer
+        self.schema = id_file_schema(layout)
+        self.width = layout.num_levels + 1
+        self._buf: list[np.ndarray] = []
+        self._n = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        """Append int64 (n, L + 1) rows; whole row groups are written as soon as they are full."""
+        self._buf.append(rows)
+        self._n += rows.shape[0]
+        if self._n >= ID_ROW_GROUP:
+            self._flush(final=False)
+
+    def close(self) -> None:
+        """Write what is buffered (the last row group); the caller closes the ParquetWriter."""
+        self._flush(final=True)
+
+    def _flush(self, final: bool) -> None:
+        import pyarrow as pa
+
+        if not self._buf:
+            return
+        rows = np.concatenate(self._buf)
+        k = 0
+        while rows.shape[0] - k >= ID_ROW_GROUP or (final and k < rows.shape[0]):
+            part = rows[k: k + ID_ROW_GROUP]
+            self.writer.write_table(pa.Table.from_arrays([pa.array(part[:, j]) for j in range(self.width)],
+                                                         schema=self.schema), row_group_size=ID_ROW_GROUP)
+            k += part.shape[0]
+        self._buf = [rows[k:]] if k < rows.shape[0] else []
+        self._n = rows.shape[0] - k
 
 
 # ---------------------------------------------------------------------------------------------

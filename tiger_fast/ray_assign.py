@@ -53,7 +53,6 @@ Multi-process training (retriever and RQ-VAE) is not here: ``tiger_fast.train.tr
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 import time
@@ -64,14 +63,11 @@ import numpy as np
 import torch
 
 from .assign import EmbeddingSource, _ParquetSource, _file_fingerprint, layout_for_model
-from .ids import _FORMAT as _IDS_FORMAT
+from .ids import ID_ROW_GROUP, IdRowGroupWriter, id_file_schema
 from .layout import TokenLayout
-from .rqvae import ENCODE_BLOCK, RQVAE, load_rqvae
+from .rqvae import ENCODE_BLOCK, RQVAE, RQVAEConfig, load_rqvae
 
 __all__ = ["ParquetShards", "assign_ids_ray", "require_ray"]
-
-_ROW_GROUP = 1 << 20  # rows per output row group (the same as tiger_fast.assign: identical files)
-
 
 def require_ray():
     """Import and return ``ray`` (with ``ray.data``); ImportError with the install command when
@@ -287,15 +283,6 @@ def _ranks(keys: np.ndarray, ids: np.ndarray, st: _Stream) -> np.ndarray:
     return rank
 
 
-def _ids_schema(layout: TokenLayout):
-    import pyarrow as pa
-
-    names = ["item_id"] + [f"c{l}" for l in range(layout.num_levels)]
-    return pa.schema([(c, pa.int64()) for c in names]).with_metadata(
-        {b"tiger_fast.format": _IDS_FORMAT.encode(),
-         b"tiger_fast.layout": json.dumps(layout.to_dict()).encode()})
-
-
 # ---------------------------------------------------------------------------------------------
 # public entry point
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +395,6 @@ def _user_error(e: BaseException) -> BaseException | None:
 def _run(ray, model: RQVAE, layout: TokenLayout, src: ParquetShards, units, output, *, num_workers,
          encode_block, partition_rows, backend, use_gpu, cpus_per_worker, max_retries, progress,
          inject_failure) -> dict:
-    import pyarrow as pa
     import pyarrow.parquet as pq
     from ray.data import DataContext
 
@@ -466,35 +452,19 @@ def _run(ray, model: RQVAE, layout: TokenLayout, src: ParquetShards, units, outp
                                  "every item needs exactly one id")
             timing["dup_check_s"] = time.perf_counter() - t0
             sorted_ds = mapped.sort(["key", "item_id"])
-        schema = _ids_schema(layout)
+        schema = id_file_schema(layout)
         d = os.path.dirname(os.path.abspath(output))
         os.makedirs(d, exist_ok=True)
         tmp = os.path.join(d, f".tmp-{os.path.basename(output)}-ray-{os.getpid()}")
         used = [np.zeros(k, dtype=bool) for k in sizes]
         rank_count = np.zeros(cs + 1, dtype=np.int64)  # rank_count[r] = groups with > r members
         st = _Stream()
-        buf: list[np.ndarray] = []
-        nbuf = 0
-
-        def flush(w, final):
-            nonlocal buf, nbuf
-            if not buf:
-                return
-            rows = np.concatenate(buf)
-            k = 0
-            while rows.shape[0] - k >= _ROW_GROUP or (final and k < rows.shape[0]):
-                part = rows[k: k + _ROW_GROUP]
-                w.write_table(pa.Table.from_arrays([pa.array(part[:, j]) for j in range(L1 + 1)], schema=schema),
-                              row_group_size=_ROW_GROUP)
-                k += part.shape[0]
-            buf = [rows[k:]] if k < rows.shape[0] else []
-            nbuf = rows.shape[0] - k
-
         t0 = time.perf_counter()
         try:
             with pq.ParquetWriter(tmp, schema) as w:
+                out = IdRowGroupWriter(w, layout)  # the writer assign_ids uses: identical bytes
                 if units:
-                    for b in sorted_ds.iter_batches(batch_size=_ROW_GROUP, batch_format="numpy",
+                    for b in sorted_ds.iter_batches(batch_size=ID_ROW_GROUP, batch_format="numpy",
                                                     prefetch_batches=1):
                         keys = np.asarray(b["key"], dtype=np.int64)
                         ids = np.asarray(b["item_id"], dtype=np.int64)
@@ -520,10 +490,7 @@ def _run(ray, model: RQVAE, layout: TokenLayout, src: ParquetShards, units, outp
                         for l in range(L1 - 1):
                             used[l][codes[:, l]] = True
                         rank_count += np.bincount(rank, minlength=cs + 1)[: cs + 1]
-                        buf.append(rows)
-                        nbuf += keys.size
-                        if nbuf >= _ROW_GROUP:
-                            flush(w, final=False)
+                        out.add(rows)
                 if st.overflow_key is not None:
                     prefix = tuple(int(v) for v in np.unravel_index(st.overflow_key, sizes))
                     raise ValueError(f"semantic-ID prefix {prefix} is shared by {st.overflow_size} items but "
@@ -532,7 +499,7 @@ def _run(ray, model: RQVAE, layout: TokenLayout, src: ParquetShards, units, outp
                 if st.rows != src.num_rows:
                     raise RuntimeError(f"internal error: {st.rows} rows came back from Ray for "
                                        f"{src.num_rows} input rows; no output was written")
-                flush(w, final=True)
+                out.close()
             os.replace(tmp, output)  # atomic: output is the old file or the complete new one
             timing["sort_write_s"] = time.perf_counter() - t0
         except BaseException:
