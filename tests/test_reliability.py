@@ -256,3 +256,29 @@ def test_generate_train_mode_model_from_two_threads(backend):
         assert torch.equal(out[name].item_ids, ref.item_ids), name
         assert torch.equal(out[name].scores, ref.scores), name
     assert model.training  # the caller's mode is restored once both calls are done
+
+
+@pytest.mark.parametrize("command", [
+    ["assign-ids", "--rqvae", "RQ", "--embeddings", "E.npy"],
+    ["batch-recall", "--data", "synthetic", "--ids", "I.parquet", "--model", "M"],
+    ["embed", "--data", "synthetic"],
+])
+@pytest.mark.parametrize("kind", ["devnull", "dir", "fifo"])
+def test_cli_refuses_non_regular_out(tmp_path, capsys, command, kind):
+    """--out /dev/null (or a directory, a FIFO) is refused before any work, and left as it was."""
+    from tiger_fast.cli import main
+
+    if kind == "devnull":
+        out = os.devnull
+    elif kind == "dir":
+        out = str(tmp_path / "d")
+        os.mkdir(out)
+    else:
+        out = str(tmp_path / "f")
+        os.mkfifo(out)
+    st = os.stat(out)
+    assert main(command + ["--out", out, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out: ") and "refusing to replace it" in err and "Traceback" not in err
+    st2 = os.stat(out)
+    assert (st.st_mode, st.st_ino, st.st_rdev) == (st2.st_mode, st2.st_ino, st2.st_rdev)

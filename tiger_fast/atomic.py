@@ -19,8 +19,8 @@ import re
 import stat
 from typing import Callable
 
-__all__ = ["write_atomic", "write_bytes", "write_text", "check_target", "clean_stale_temps", "fsync_dir",
-           "temp_name"]
+__all__ = ["write_atomic", "write_bytes", "write_text", "write_npy", "check_target", "clean_stale_temps",
+           "fsync_dir", "temp_name"]
 
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
 
@@ -152,3 +152,13 @@ def write_bytes(path, data: bytes, *, what: str = "output") -> str:
 def write_text(path, text: str, *, what: str = "output") -> str:
     """``write_atomic`` for a text payload (UTF-8)."""
     return write_bytes(path, text.encode("utf-8"), what=what)
+
+
+def write_npy(path, arr, *, what: str = "output") -> str:
+    """``write_atomic`` for one array as ``.npy`` (no pickle)."""
+    import numpy as np
+
+    def w(p):
+        with open(p, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+    return write_atomic(path, w, what=what)

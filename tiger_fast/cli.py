@@ -153,15 +153,17 @@ def cmd_demo(a):
 def cmd_embed(a):
     import numpy as np
 
+    from .atomic import write_npy
     from .embed import embed_dataset
 
+    ids_path = os.path.splitext(a.out)[0] + ".ids.npy"
+    _check_out(a.out)
+    _check_out(ids_path, "--out (its item ids file)")
     ds = load_dataset_spec(a.data)
     emb = embed_dataset(ds, a.model, batch_size=a.batch_size, cache_dir=a.cache_dir, progress=not a.quiet)
-    tmp = a.out + ".tmp.npy"
-    np.save(tmp, emb)
-    os.replace(tmp, a.out)
-    ids_path = os.path.splitext(a.out)[0] + ".ids.npy"
-    np.save(ids_path, np.asarray(ds.item_ids, dtype=np.int64))
+    # ids first, embeddings last: an --out file always has its ids file next to it
+    write_npy(ids_path, np.asarray(ds.item_ids, dtype=np.int64), what="--out (its item ids file)")
+    write_npy(a.out, np.asarray(emb), what="--out")
     print(f"wrote {a.out} ({emb.shape[0]} x {emb.shape[1]} float32) and item ids {ids_path}")
 
 
@@ -194,7 +196,15 @@ def cmd_train_rqvae(a):
     print(f"wrote {a.out}")
 
 
+def _check_out(path, flag="--out"):
+    """Refuse an output path that is not a regular file (a directory, /dev/null, a FIFO) up front."""
+    from .atomic import check_target
+
+    check_target(path, flag)  # ValueError "--out: '/dev/null' is a character device; refusing ..."
+
+
 def cmd_assign_ids(a):
+    _check_out(a.out)
     if a.ray or a.ray_address:
         from .ray_assign import assign_ids_ray
 
@@ -364,6 +374,7 @@ def cmd_batch_recall(a):
 
     retain_freed_memory()  # a long batch job: keep freed buffers instead of page-faulting them back in
 
+    _check_out(a.out)
     ds = load_dataset_spec(a.data)
     table = _load_ids(a.ids)
     model = _load_model(_resolve_model_dir(a.model), table)
@@ -563,7 +574,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         rc = args.fn(args)
-    except (CliError, ValueError, TypeError, FileNotFoundError) as e:
+    except (CliError, ValueError, TypeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return int(rc or 0)
