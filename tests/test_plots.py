@@ -103,6 +103,21 @@ HISTORIES = {
 }
 
 
+def test_loss_wall_times_interpolated_from_eval_and_final_times():
+    h = {"loss": [[100, 5.0], [200, 4.0], [300, 3.5], [400, 3.0]], "final_step": 300, "wall_s": 95.0,
+         "evals": [{"step": 200, "wall_s": 60.0, "recall@10": 0.1, "ndcg@10": 0.05},
+                   {"step": 200, "wall_s": 61.0, "recall@10": 0.1, "ndcg@10": 0.05}]}  # duplicate step: earliest
+    s = plots.training_series(h)
+    assert s["loss_wall_interpolated"]
+    # (0, 0 s) -> (200, 60 s) -> (300, 95 s); step 400 lies beyond every known time: NaN
+    assert s["loss"][:3, 2].tolist() == [30.0, 60.0, 95.0] and np.isnan(s["loss"][3, 2])
+    assert not plots.training_series({"loss": [[1, 2.0]], "evals": []})["loss_wall_interpolated"]
+    # a clock running backwards (a resumed run from before wall times) is not interpolated
+    back = {"loss": [[100, 5.0]], "evals": [{"step": 50, "wall_s": 40.0, "recall@10": 0.0},
+                                            {"step": 150, "wall_s": 10.0, "recall@10": 0.0}]}
+    assert np.isnan(plots.training_series(back)["loss"][0, 2])
+
+
 @pytest.mark.parametrize("name", list(HISTORIES))
 def test_training_series_with_and_without_wall_times(name, tmp_path):
     h = HISTORIES[name]
@@ -110,6 +125,7 @@ def test_training_series_with_and_without_wall_times(name, tmp_path):
     assert s["loss"][:, :2].tolist() == [[e["step"], e["loss"]] if isinstance(e, dict) else e[:2] for e in h["loss"]]
     has_wall = "+ wall" in name
     assert np.isfinite(s["loss"][:, 2]).all() == has_wall and np.isnan(s["loss"][:, 2]).all() != has_wall
+    assert not s["loss_wall_interpolated"]
     if h["evals"]:
         assert sorted(s["evals"]) == ["ndcg@10", "recall@10"]
         assert s["evals"]["recall@10"][:, :2].tolist() == [[200.0, 0.1]]

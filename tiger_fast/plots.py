@@ -86,7 +86,10 @@ def _save(fig, path) -> str:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", suffix=".png", dir=d)
     os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=DPI, pil_kwargs={"optimize": True})
+        fig.savefig(tmp, format="png", dpi=DPI)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a picture gets the usual file mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -160,11 +163,16 @@ def plot_id_report(id_table, out_dir, leaf_categories=None, *, semantic: dict | 
     axes = fig.subplots(1, len(sizes), squeeze=False)[0]
     for ax, counts, nm, s in zip(axes, data["items_per_code"], names, sizes):
         used = int((counts > 0).sum())
-        ax.bar(np.arange(s), counts, width=1.0, color="tab:blue", linewidth=0)
+        shown = s if used > s // 4 else min(s, max(8, int(used * 1.5) + 1))  # a few used codes: zoom in
+        if shown > 40:  # one filled step outline, not hundreds of bar patches (much faster to draw)
+            ax.stairs(counts[:shown], np.arange(shown + 1) - 0.5, fill=True, baseline=0.5, color="tab:blue")
+        else:
+            ax.bar(np.arange(shown), counts[:shown], width=0.8, color="tab:blue", linewidth=0)
         if counts.max(initial=0) > 0:
             ax.set_yscale("log")
-        ax.set_xlim(-0.5, s - 0.5)
-        ax.set_title(f"{nm}: {used}/{s} codes used", fontsize=9)
+            ax.set_ylim(bottom=0.5)
+        ax.set_xlim(-0.5, shown - 0.5)
+        ax.set_title(f"{nm}: {used}/{s} codes used" + ("" if shown == s else f",\nfirst {shown} shown"), fontsize=9)
         ax.set_xlabel("code, by use (sorted)", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0].set_ylabel("items per code")
@@ -178,6 +186,10 @@ def plot_id_report(id_table, out_dir, leaf_categories=None, *, semantic: dict | 
     if g:
         ax.bar(list(g), list(g.values()), width=0.8, color="tab:orange")
         ax.set_yscale("log")
+        if len(g) <= 12:
+            for k_, v in g.items():
+                ax.text(k_, v, f"{v:,}", ha="center", va="bottom", fontsize=8)
+            ax.set_ylim(top=max(g.values()) * 3)
         if len(g) <= 20:
             ax.set_xticks(list(g))
     else:
@@ -192,12 +204,21 @@ def plot_id_report(id_table, out_dir, leaf_categories=None, *, semantic: dict | 
     fig = _figure("trie_branching")
     axes = fig.subplots(1, len(sizes), squeeze=False)[0]
     for d, (ax, b) in enumerate(zip(axes, data["branching"])):
-        if b.size:
+        if b.size == 1:  # the root (or a one-node level): a number, not a histogram
+            ax.text(0.5, 0.5, f"{int(b[0])}\nvalid {names[d].split()[0]} codes", ha="center", va="center",
+                    fontsize=14, transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"depth {d}: 1 node", fontsize=9)
+        elif b.size:
             vals, cnt = np.unique(b, return_counts=True)
-            ax.bar(vals, cnt, width=max(1.0, (vals.max() - vals.min()) / 60), color="tab:green", linewidth=0)
-            ax.set_title(f"depth {d}: {b.size} node(s), mean {b.mean():.2f},\n"
+            if vals.max() - vals.min() <= 40:
+                ax.bar(vals, cnt, width=0.8, color="tab:green", linewidth=0)
+            else:
+                cnt = ax.hist(b, bins=40, color="tab:green")[0]
+            ax.set_title(f"depth {d}: {b.size} nodes, mean {b.mean():.2f},\n"
                          f"{(b == 1).mean():.0%} with one child", fontsize=9)
-            if d > 0 and cnt.max() > 10 * max(cnt.min(), 1):
+            if cnt.max() > 10 * max(cnt[cnt > 0].min(), 1):
                 ax.set_yscale("log")
         ax.set_xlabel(f"valid {names[d].split()[0]} codes per node", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -246,7 +267,10 @@ def training_series(history: dict) -> dict:
     ``history["loss"]`` entries are ``[step, loss]``, ``[step, loss, wall_s]`` or dicts with
     step / loss / wall_s; ``history["evals"]`` entries dicts with step, metrics and optionally wall_s.
     Returns {"loss": float64 (n, 3) [step, loss, wall_s or NaN], "evals": {metric: float64 (m, 3)
-    [step, value, wall_s or NaN]} for recall@10 and ndcg@10 when present}."""
+    [step, value, wall_s or NaN]} for recall@10 and ndcg@10 when present, "loss_wall_interpolated":
+    bool}.  Loss entries without a wall time get one interpolated linearly in the step between the
+    known (step, wall_s) points: step 0 at 0 s, the evals' wall_s and (final_step, history wall_s);
+    NaN outside them or when there are none."""
     if not isinstance(history, dict):
         raise TypeError(f"history must be the dict returned by train_retriever, got {type(history).__name__}")
     rows = []
@@ -261,7 +285,23 @@ def training_series(history: dict) -> dict:
              for e in history.get("evals") or [] if m in e]
         if r:
             evals[m] = np.array(r, dtype=np.float64)
-    return {"loss": loss, "evals": evals}
+    interpolated = False
+    missing = np.isnan(loss[:, 2])
+    if missing.any():
+        known = {0.0: 0.0}
+        pts = [(e["step"], _wall(e)) for e in history.get("evals") or [] if isinstance(e, dict) and "step" in e]
+        if history.get("final_step") and history.get("wall_s"):
+            pts.append((history["final_step"], float(history["wall_s"])))
+        for st, w in pts:
+            if w is not None and math.isfinite(w):
+                known[float(st)] = min(w, known.get(float(st), math.inf))
+        xs = np.array(sorted(known), dtype=np.float64)
+        ys = np.array([known[x] for x in xs], dtype=np.float64)
+        if xs.size > 1 and (np.diff(ys) >= 0).all():  # a clock that never runs backwards
+            st = loss[missing, 0]
+            loss[missing, 2] = np.where((st >= xs[0]) & (st <= xs[-1]), np.interp(st, xs, ys), math.nan)
+            interpolated = bool(np.isfinite(loss[missing, 2]).any())
+    return {"loss": loss, "evals": evals, "loss_wall_interpolated": interpolated}
 
 
 def plot_training(history: dict, path, *, title: str | None = None) -> str:
@@ -282,7 +322,8 @@ def plot_training(history: dict, path, *, title: str | None = None) -> str:
             ax.text(0.5, 0.5, "no wall times in this history" if lo.size else "no loss logged",
                     ha="center", va="center", transform=ax.transAxes, color="gray")
         ax.set_ylabel("training loss")
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(xlabel + (" (interpolated between validations)" if xi == 2 and s["loss_wall_interpolated"]
+                                else ""))
         ax = axes[1, col]
         drawn = False
         for m, c in (("recall@10", "tab:green"), ("ndcg@10", "tab:red")):
