@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
+from .checks import check_int
 
 __all__ = [
     "ColdStartSplit",
@@ -104,8 +105,7 @@ def split_cold_items(dataset, fraction: float = 0.05, seed: int = 0, *, pool: st
         raise ValueError(f"fraction must be a float in (0, 1), got {fraction!r}")
     if pool not in ("test_targets", "all"):
         raise ValueError(f"pool must be 'test_targets' or 'all', got {pool!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    check_int(seed, "seed", 0)
     n = len(dataset.item_ids)
     seqs = [np.asarray(s, dtype=np.int64) for s in dataset.sequences]
     if pool == "all":
@@ -207,8 +207,7 @@ def merge_cold_items(gen_item_ids, gen_codes, gen_scores, cold_item_ids, cold_co
                          f"got {tuple(ccodes.shape)}")
     if cids.numel() and (bool((cids < 0).any()) or torch.unique(cids).numel() != cids.numel()):
         raise ValueError("cold_item_ids must be distinct non-negative item ids")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    check_int(k, "k")
     p = L - 1 if prefix_len is None else int(prefix_len)
     if not 1 <= p <= L:
         raise ValueError(f"prefix_len must be in [1, {L}], got {prefix_len!r}")
@@ -323,8 +322,7 @@ def semantic_knn_baseline(embeddings, query_items, cold_items, k: int = 10, *, b
             raise ValueError(f"{name} must be item indices in [0, {N}) (rows of embeddings)")
     if c.numel() == 0:
         raise ValueError("cold_items is empty; nothing to rank")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    check_int(k, "k")
     c = torch.sort(c).values  # ascending ids so a stable sort breaks ties by item index
     if torch.unique(c).numel() != c.numel():
         raise ValueError("cold_items has duplicates")
@@ -363,13 +361,13 @@ def evaluate_cold_start(model, split: ColdStartSplit, id_table, embeddings, *, k
     Returns {"tiger": {"recall@k", "ndcg@k"...}, "semantic_knn": {...}, "num_examples",
     "num_cold_items", "epsilon", "max_cold_per_list", "mean_cold_per_list" (cold items TIGER put in
     its lists, on average)}."""
-    from .evaluate import _IdMap, _check_batch_size, _check_ks, eval_examples, resolve_id_space
+    from .evaluate import IdMap, check_ks, eval_examples, resolve_id_space
 
-    ks = _check_ks(ks)
-    batch_size = _check_batch_size(batch_size)
+    ks = check_ks(ks)
+    batch_size = check_int(batch_size, "batch_size")
     K = max(ks)
     ds = split.dataset
-    idmap = _IdMap(ds, resolve_id_space(ds, id_table, id_space))
+    idmap = IdMap(ds, resolve_id_space(ds, id_table, id_space))
     ex = eval_examples(ds, "test", users=split.cold_test_users)
     if len(ex.targets) == 0:
         raise ValueError("the split has no cold-target test example; use a larger fraction or dataset")

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from .checks import check_int
 from .fileio import EMBED_COLUMNS, check_file, embedding_column, find_file, id_column, read_json, read_lines, read_table
 
 __all__ = [
@@ -470,8 +471,7 @@ def load_amazon2014(reviews_path, meta_path, *, core: int = 5, name: str | None 
     """
     rp = check_file(reviews_path, "load_amazon2014 reviews")
     mp = check_file(meta_path, "load_amazon2014 meta")
-    if not isinstance(core, int) or core < 1:
-        raise ValueError(f"load_amazon2014: core must be a positive int, got {core!r}")
+    check_int(core, "load_amazon2014: core")
     user_code: dict[str, int] = {}
     item_code: dict[str, int] = {}
     us, its, ts = [], [], []

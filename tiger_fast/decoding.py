@@ -16,6 +16,7 @@ import inspect
 import numpy as np
 import torch
 
+from .checks import check_int
 from .sequences import collate, encoder_input
 
 __all__ = ["is_hf_t5", "is_tiger_t5", "check_model", "model_device", "T5Stepper", "HFStepper", "make_stepper",
@@ -155,8 +156,7 @@ def encoder_batch(layout, id_table, histories, user_ids, max_history: int = 20, 
     R = len(histories)
     if user_ids is not None and len(user_ids) != R:
         raise ValueError(f"user_ids has {len(user_ids)} entries but histories has {R}; give one per request")
-    if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
-        raise ValueError(f"max_history must be a positive int, got {max_history!r}")
+    max_history = check_int(max_history, "max_history")
     hists = []
     for i, h in enumerate(histories):
         h = torch.as_tensor(np.asarray(h.cpu() if isinstance(h, torch.Tensor) else h))

@@ -26,6 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .checks import check_int
+
 __all__ = ["DEFAULT_TEMPLATE", "DEFAULT_MODEL_ID", "item_text", "template_id", "embed_texts", "embed_dataset",
            "cache_path", "item_texts"]
 
@@ -298,8 +300,7 @@ def embed_texts(texts: Sequence[str], model=None, batch_size: int = 128, cache_d
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
         raise TypeError(f"texts must all be str; entries {bad[:5]} are {type(texts[bad[0]]).__name__}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_int(batch_size, "batch_size")
     device = device or _default_device()
     mid, target = _resolve_model(model)
     if model_id is not None:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
+from .checks import check_int, is_int
 from .decoding import encoder_batch, make_stepper, model_device
 from .reference.generate import eos_rerank, top_by_key
 
@@ -97,8 +98,7 @@ def _sample_users(num_users: int, max_users, seed: int) -> np.ndarray | None:
     """Indices of a seeded random subset of users (sorted), or None for all."""
     if max_users is None:
         return None
-    if isinstance(max_users, bool) or not isinstance(max_users, (int, np.integer)) or max_users < 1:
-        raise ValueError(f"max_users must be a positive int or None, got {max_users!r}")
+    check_int(max_users, "max_users", none_ok=True)
     if max_users >= num_users:
         return None
     rng = np.random.default_rng(seed)
@@ -134,7 +134,7 @@ def resolve_id_space(dataset, id_table, id_space: str = "auto") -> str:
                      "dataset.item_ids; build the table from this dataset")
 
 
-class _IdMap:
+class IdMap:
     """Converts between internal indices and the table's id space."""
 
     def __init__(self, dataset, space: str):
@@ -196,7 +196,7 @@ def evaluate_rankings(pred, targets, item_categories, ks=(5, 10), *, num_items: 
     label per item (e.g. ``dataset.leaf_categories()``); num_items: catalogue size for coverage
     (default len(item_categories)).  Returns {"recall@k", "ndcg@k" for k in ks, "entropy@K",
     "coverage@K" with K = max(ks), "num_examples"} (floats, num_examples an int)."""
-    ks = _check_ks(ks)
+    ks = check_ks(ks)
     p = M._check_pred(pred)
     K = max(ks)
     if p.shape[1] < K:
@@ -210,16 +210,17 @@ def evaluate_rankings(pred, targets, item_categories, ks=(5, 10), *, num_items: 
     return out
 
 
-def _check_ks(ks) -> tuple[int, ...]:
+def check_ks(ks) -> tuple[int, ...]:
+    """ks: one positive int or a non-empty sequence of them -> sorted distinct tuple (ValueError otherwise)."""
     ks = tuple(ks) if not isinstance(ks, int) else (ks,)
-    if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
+    if not ks or not all(is_int(k) and k >= 1 for k in ks):
         raise ValueError(f"ks must be a non-empty sequence of positive ints, got {ks!r}")
     return tuple(sorted({int(k) for k in ks}))
 
 
 def evaluate_popularity(dataset, split: str = "test", ks=(5, 10), *, max_users=None, seed: int = 0) -> dict:
     """Metrics of :func:`popularity_baseline` (the same list for every user) on ``split``."""
-    ks = _check_ks(ks)
+    ks = check_ks(ks)
     ex = eval_examples(dataset, split, users=_sample_users(len(dataset.sequences), max_users, seed))
     top = popularity_baseline(dataset, split, k=min(max(ks), len(dataset.item_ids)))
     if top.shape[0] < max(ks):
@@ -246,13 +247,7 @@ def _per_level_temperature(temperature, num_levels: int):
     return t
 
 
-def _check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    return int(batch_size)
-
-
-def _decode_rankings(model, dataset, id_table, ex: EvalExamples, idmap: _IdMap, *, k, temperature, seed,
+def _decode_rankings(model, dataset, id_table, ex: EvalExamples, idmap: IdMap, *, k, temperature, seed,
                      batch_size, backend, max_history, progress):
     """Run tiger_fast.generate over the examples in batches -> (pred int64 (R, k) internal, scores)."""
     from .generate import generate  # imported here: decoding pulls in the compiled extensions
@@ -296,12 +291,12 @@ def evaluate_retriever(model, dataset, id_table, split: str = "test", ks=(5, 10)
     Returns the :func:`evaluate_rankings` dict plus split, k, temperature, num_users_skipped,
     seconds (wall time of decoding) and users_per_second.
     """
-    ks = _check_ks(ks)
+    ks = check_ks(ks)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < max(ks):
         raise ValueError(f"k (items decoded per user) must be an int >= max(ks) = {max(ks)}, got {k!r}")
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_int(batch_size, "batch_size")
     temperature = _per_level_temperature(temperature, id_table.layout.num_levels)
-    idmap = _IdMap(dataset, resolve_id_space(dataset, id_table, id_space))
+    idmap = IdMap(dataset, resolve_id_space(dataset, id_table, id_space))
     ex = eval_examples(dataset, split, users=_sample_users(len(dataset.sequences), max_users, seed))
     if len(ex.targets) == 0:
         raise ValueError(f"no user has a non-empty history for split={split!r}; nothing to evaluate")
@@ -412,8 +407,7 @@ def unconstrained_beam_search(model, input_ids, attention_mask, layout, num_beam
     adds log p(eos | ID) and re-sorts (ties by beam index).
     Returns (codes int64 (R, B, L), scores float32 (R, B)), B = min(num_beams, #possible IDs), best first.
     """
-    if isinstance(num_beams, bool) or not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
-        raise ValueError(f"num_beams must be a positive int, got {num_beams!r}")
+    check_int(num_beams, "num_beams")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] == 0:
         raise ValueError(f"input_ids must be a non-empty int64 tensor (R, S), got "
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
@@ -464,11 +458,10 @@ def invalid_rate_unconstrained(model, dataset, id_table, split: str = "test", k:
     decode-then-filter), "num_examples", "k", "seconds"}.  ``max_users``/``seed`` pick a seeded
     random subset of users.
     """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    batch_size = _check_batch_size(batch_size)
+    check_int(k, "k")
+    batch_size = check_int(batch_size, "batch_size")
     layout = id_table.layout
-    idmap = _IdMap(dataset, resolve_id_space(dataset, id_table, id_space))
+    idmap = IdMap(dataset, resolve_id_space(dataset, id_table, id_space))
     ex = eval_examples(dataset, split, users=_sample_users(len(dataset.sequences), max_users, seed))
     if len(ex.targets) == 0:
         raise ValueError(f"no user has a non-empty history for split={split!r}; nothing to evaluate")

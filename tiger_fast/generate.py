@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .backends import choose_backend, load_extension
+from .checks import check_int
 from .decoding import check_model, encoder_batch, make_stepper, model_device
 from .layout import TokenLayout
 from .precision import check_precision, prepare_model
@@ -194,12 +195,6 @@ def _selector(backend: str, device: torch.device):
     return s.beam, s.sample, s.check
 
 
-def _check_int(v, name, lo=1):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    return int(v)
-
-
 # ---- public entry point ----------------------------------------------------------------------------
 def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beams: int | None = None,
              temperature=None, seed: int = 0, row_keys=None, backend: str = "auto", trie: Trie | None = None,
@@ -248,8 +243,8 @@ def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beam
     if V != layout.vocab_size:
         raise ValueError(f"the model's vocab_size ({V}) does not match id_table.layout.vocab_size "
                          f"({layout.vocab_size}); the model and the ID table must use the same TokenLayout")
-    k = _check_int(k, "k")
-    num_beams = k if num_beams is None else _check_int(num_beams, "num_beams")
+    k = check_int(k, "k")
+    num_beams = k if num_beams is None else check_int(num_beams, "num_beams")
     if num_beams < k:
         raise ValueError(f"num_beams ({num_beams}) must be >= k ({k})")
     L = layout.num_levels

@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from .checks import check_int
+
 __all__ = [
     "recall_at_k",
     "ndcg_at_k",
@@ -194,8 +196,7 @@ def coverage(pred, num_items: int, k: int | None = None) -> float:
     least one of the top-k lists (k = all K columns when None).  pred: int (R, K), -1 padding.
     Returns 0.0 for R = 0 (no lists cover nothing)."""
     p = _check_pred(pred)
-    if isinstance(num_items, bool) or not isinstance(num_items, (int, np.integer)) or num_items < 1:
-        raise ValueError(f"num_items must be a positive int (catalogue size), got {num_items!r}")
+    check_int(num_items, "num_items (the catalogue size)")
     if k is not None:
         p = p[:, :_check_k(k, p.shape[1])]
     ids = p[p >= 0]

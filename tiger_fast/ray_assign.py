@@ -63,6 +63,7 @@ import numpy as np
 import torch
 
 from .assign import EmbeddingSource, _ParquetSource, _file_fingerprint, layout_for_model
+from .checks import check_int
 from .ids import ID_ROW_GROUP, IdRowGroupWriter, id_file_schema
 from .layout import TokenLayout
 from .rqvae import ENCODE_BLOCK, RQVAE, RQVAEConfig, load_rqvae
@@ -325,10 +326,8 @@ def assign_ids_ray(model_or_path, source, output, *, layout: TokenLayout | None 
     if encode_block < 1 or batch_rows < encode_block or batch_rows % encode_block:
         raise ValueError(f"batch_rows ({batch_rows}) must be a positive multiple of encode_block "
                          f"({encode_block}); that keeps the encoder's output independent of the batching")
-    if num_workers is not None and (isinstance(num_workers, bool) or int(num_workers) < 1):
-        raise ValueError(f"num_workers must be a positive int or None, got {num_workers!r}")
-    if isinstance(partition_rows, bool) or int(partition_rows) < 1:
-        raise ValueError(f"partition_rows must be >= 1, got {partition_rows!r}")
+    check_int(num_workers, "num_workers", none_ok=True)
+    check_int(partition_rows, "partition_rows")
     if int(max_retries) < 0:
         raise ValueError(f"max_retries must be >= 0, got {max_retries}")
     prefix_space = math.prod(cfg.codebook_sizes)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checks import check_int
 from .layout import TokenLayout
 
 __all__ = ["encoder_input", "target_tokens", "collate", "Split", "LeaveOneOut", "leave_one_out",
@@ -52,9 +53,7 @@ def _check_table(layout: TokenLayout, id_table) -> None:
 
 
 def _check_max_items(max_items) -> int:
-    if isinstance(max_items, bool) or not isinstance(max_items, (int, np.integer)) or max_items < 1:
-        raise ValueError(f"max_items must be a positive int, got {max_items!r}")
-    return int(max_items)
+    return check_int(max_items, "max_items")
 
 
 def _item_array(item_ids, name: str) -> np.ndarray:

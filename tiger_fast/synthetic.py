@@ -13,6 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .checks import check_int
 from .data import Dataset
 
 __all__ = ["SyntheticConfig", "synthetic_dataset", "synthetic_latents", "iter_synthetic_latents"]
@@ -263,8 +264,7 @@ def _latent_block(b: int, centers: np.ndarray, seed: int, noise: float) -> np.nd
 
 def _check_latent_args(n, dim, clusters, seed, offset, noise):
     for k, v, lo in (("n", n, 0), ("dim", dim, 1), ("clusters", clusters, 1), ("seed", seed, 0), ("offset", offset, 0)):
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
-            raise ValueError(f"synthetic_latents: {k} must be an int >= {lo}, got {v!r}")
+        check_int(v, f"synthetic_latents: {k}", lo)
     if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise >= 0):
         raise ValueError(f"synthetic_latents: noise must be a finite float >= 0, got {noise!r}")
 
@@ -298,8 +298,7 @@ def iter_synthetic_latents(n: int, dim: int = 32, clusters: int = 256, seed: int
     """Yield ``(start, float32 (rows, dim))`` chunks covering rows ``0..n-1`` of
     :func:`synthetic_latents` in bounded memory (one chunk at a time; for 100M+ rows)."""
     _check_latent_args(n, dim, clusters, seed, 0, noise)
-    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"iter_synthetic_latents: chunk_size must be a positive int, got {chunk_size!r}")
+    check_int(chunk_size, "iter_synthetic_latents: chunk_size")
     for start in range(0, n, chunk_size):
         yield start, synthetic_latents(min(chunk_size, n - start), dim, clusters, seed, offset=start,
                                        noise=noise, spread=spread)
