@@ -79,7 +79,7 @@ from .ids import IdRowGroupWriter, id_file_schema
 from .layout import TokenLayout
 from .rqvae import ENCODE_BLOCK, RQVAE, load_rqvae
 
-__all__ = ["assign_ids", "EmbeddingSource", "open_source"]
+__all__ = ["assign_ids", "EmbeddingSource", "ParquetSource", "open_source", "file_fingerprint"]
 
 _MANIFEST_FORMAT = "tiger_fast.assign/1"
 _LOCK = "lock"  # work_dir/lock: fcntl lock held by every run using the work dir
@@ -101,7 +101,8 @@ class EmbeddingSource:
         raise NotImplementedError
 
 
-def _file_fingerprint(path: str) -> dict:
+def file_fingerprint(path: str) -> dict:
+    """What identifies an input file in a run's manifest: absolute path, size, mtime (ns)."""
     st = os.stat(path)
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
@@ -116,7 +117,7 @@ class _NpySource(EmbeddingSource):
             raise ValueError(f"embeddings {path} must be a 2-D float array (N, D), got {self.x.dtype} {self.x.shape}")
         self.num_rows, self.dim = int(self.x.shape[0]), int(self.x.shape[1])
         self.ids = None
-        self.fingerprint = {"kind": "npy", "embeddings": _file_fingerprint(path)}
+        self.fingerprint = {"kind": "npy", "embeddings": file_fingerprint(path)}
         if ids_path is not None:
             try:
                 self.ids = np.load(ids_path, mmap_mode="r", allow_pickle=False)
@@ -125,7 +126,7 @@ class _NpySource(EmbeddingSource):
             if self.ids.shape != (self.num_rows,) or not np.issubdtype(self.ids.dtype, np.integer):
                 raise ValueError(f"item ids {ids_path} must be an integer array ({self.num_rows},), "
                                  f"got {self.ids.dtype} {self.ids.shape}")
-            self.fingerprint["ids"] = _file_fingerprint(ids_path)
+            self.fingerprint["ids"] = file_fingerprint(ids_path)
 
     def read(self, start, stop):
         x = np.array(self.x[start:stop], dtype=np.float32)  # a writable in-memory copy of the slice
@@ -134,7 +135,10 @@ class _NpySource(EmbeddingSource):
         return ids, x
 
 
-class _ParquetSource(EmbeddingSource):
+class ParquetSource(EmbeddingSource):
+    """Embeddings from one Parquet file (a list<float> column, an optional integer id column),
+    read row group by row group."""
+
     def __init__(self, path: str, embedding_column: str, id_column: str | None):
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -165,7 +169,7 @@ class _ParquetSource(EmbeddingSource):
         self.dim = int(et.list_size) if pa.types.is_fixed_size_list(et) else None
         if self.dim is None:
             self.dim = self._row_group(0)[1].shape[1] if self.num_rows else 0
-        self.fingerprint = {"kind": "parquet", "embeddings": _file_fingerprint(path),
+        self.fingerprint = {"kind": "parquet", "embeddings": file_fingerprint(path),
                             "embedding_column": embedding_column, "id_column": id_column}
 
     def _row_group(self, g: int):
@@ -226,7 +230,7 @@ def open_source(path, *, ids=None, embedding_column: str = "embedding",
         return _NpySource(path, None if ids is None else os.fspath(ids))
     if ids is not None:
         raise ValueError("ids= is only for .npy sources; a Parquet source names its id column (id_column=)")
-    return _ParquetSource(path, embedding_column, id_column)
+    return ParquetSource(path, embedding_column, id_column)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,9 +27,9 @@ class CliError(Exception):
 
 
 def _print_json(obj) -> None:
-    from .pipeline import _jsonable
+    from .pipeline import jsonable
 
-    print(json.dumps(obj, indent=2, default=_jsonable))
+    print(json.dumps(obj, indent=2, default=jsonable))
 
 
 def _temperature(text):

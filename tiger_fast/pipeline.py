@@ -206,11 +206,12 @@ def save_run(out_dir, *, rqvae=None, id_table=None, model=None, report: dict | N
     if report is not None:
         tmp = os.path.join(out_dir, "report.json.tmp")
         with open(tmp, "w") as f:
-            json.dump(report, f, indent=2, default=_jsonable)
+            json.dump(report, f, indent=2, default=jsonable)
         os.replace(tmp, os.path.join(out_dir, "report.json"))
 
 
-def _jsonable(x):
+def jsonable(x):
+    """``json.dump(default=...)`` hook: tensors and arrays as lists, NumPy scalars as numbers, else str."""
     if isinstance(x, torch.Tensor):
         return x.tolist()
     if isinstance(x, np.ndarray):
@@ -261,7 +262,7 @@ def run_demo(out_dir: str | None = None, *, num_items: int = 2000, num_users: in
     rqvae, table, rq_hist = build_semantic_ids(ds, emb, cfg, progress=progress)
     rep = semantic_id_report(table, leaf_categories_by_row(ds, table))
     report["semantic_ids"] = {**table.report(), **rep, "rq_final": rq_hist[-1] if rq_hist else None}
-    echo(json.dumps({k: v for k, v in report["semantic_ids"].items() if k != "rq_final"}, default=_jsonable))
+    echo(json.dumps({k: v for k, v in report["semantic_ids"].items() if k != "rq_final"}, default=jsonable))
 
     stage(f"4/6 retriever training (time budget {cfg.time_budget_s} s)")
     model, hist = train_tiger(ds, table, cfg, progress=progress)

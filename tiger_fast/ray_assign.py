@@ -62,7 +62,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .assign import EmbeddingSource, _ParquetSource, _file_fingerprint, layout_for_model
+from .assign import EmbeddingSource, ParquetSource, file_fingerprint, layout_for_model
 from .checks import check_int
 from .ids import ID_ROW_GROUP, IdRowGroupWriter, id_file_schema
 from .layout import TokenLayout
@@ -134,18 +134,18 @@ class ParquetShards(EmbeddingSource):
             counts.append(md.num_rows)
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.num_rows = int(self.offsets[-1])
-        self._open: dict[int, _ParquetSource] = {}
+        self._open: dict[int, ParquetSource] = {}
         nonempty = [i for i, c in enumerate(counts) if c]
         self.dim = self._shard(nonempty[0] if nonempty else 0).dim or 0
-        self.fingerprint = {"kind": "parquet_shards", "files": [_file_fingerprint(f) for f in self.files],
+        self.fingerprint = {"kind": "parquet_shards", "files": [file_fingerprint(f) for f in self.files],
                             "embedding_column": embedding_column, "id_column": id_column}
 
-    def _shard(self, i: int) -> _ParquetSource:
+    def _shard(self, i: int) -> ParquetSource:
         src = self._open.get(i)
         if src is None:
             if len(self._open) >= 4:  # bounded: one cached row group per open shard
                 self._open.clear()
-            src = self._open[i] = _ParquetSource(self.files[i], self.emb, self.idc)
+            src = self._open[i] = ParquetSource(self.files[i], self.emb, self.idc)
             if self.num_rows and hasattr(self, "dim") and src.num_rows and src.dim != self.dim:
                 raise ValueError(f"shard {self.files[i]} has embeddings of size {src.dim}, expected {self.dim}")
         return src
