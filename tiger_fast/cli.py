@@ -329,7 +329,8 @@ def cmd_evaluate(a):
             raise CliError(f"--temperatures: setting {t} has {len(t)} values; give one T or {levels} (one per level)")
     model = _load_model(_resolve_model_dir(a.model), table)
     res = evaluate_retriever(model, ds, table, split=a.split, k=a.k, temperature=a.temperature,
-                             max_users=a.max_users, seed=a.seed, backend=a.backend, progress=not a.quiet)
+                             max_users=a.max_users, seed=a.seed, backend=a.backend, progress=not a.quiet,
+                             precision=a.precision)
     out = {"tiger": {k: v for k, v in res.items() if isinstance(v, (int, float, str)) or v is None}}
     if a.popularity or "popularity" in a.baselines:
         out["popularity"] = evaluate_popularity(ds, split=a.split, max_users=a.max_users, seed=a.seed)
@@ -359,7 +360,7 @@ def cmd_recommend(a):
     u = where[a.user]
     hist = ds.item_ids[ds.sequences[u]]
     res = generate(model, [hist], table, user_ids=[a.user], k=a.k, temperature=a.temperature, seed=a.seed,
-                   backend=a.backend)
+                   backend=a.backend, precision=a.precision)
     titles = {int(i): it.get("title", "") for i, it in zip(ds.item_ids, ds.items)}
     print(f"user {a.user}, last items: " + "; ".join(titles[int(i)] for i in hist[-3:]))
     for rank, (i, code, s) in enumerate(zip(res.item_ids[0], res.codes[0], res.scores[0]), 1):
@@ -379,7 +380,7 @@ def cmd_batch_recall(a):
     table = _load_ids(a.ids)
     model = _load_model(_resolve_model_dir(a.model), table)
     rep = batch_recall(model, ds, table, a.out, k=a.k, batch_size=a.batch_size, backend=a.backend,
-                       temperature=a.temperature, seed=a.seed, progress=not a.quiet)
+                       temperature=a.temperature, seed=a.seed, progress=not a.quiet, precision=a.precision)
     if a.redis:
         rep["redis"] = load_to_redis(a.out, a.redis, prefix=a.redis_prefix)
     _print_json(rep)
@@ -435,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda"],
                         help="decoding backend (default auto)")
         sp.add_argument("--seed", type=int, default=0)
+
+    def precision_flag(sp):
+        sp.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
+                        help="the retriever's forward: fp32 exact; bf16 / int8 faster, lists may differ "
+                             "(docs/generate_precision.md)")
 
     sp = add("demo", cmd_demo, "the whole pipeline on the embedded synthetic catalogue (a few minutes on 2 cores)")
     sp.add_argument("--out", default=None, help="directory to save the artefacts (rqvae, ids, retriever, report)")
@@ -504,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("evaluate", cmd_evaluate, "Recall/NDCG@5,10, Entropy@10, coverage on the leave-one-out split")
     data_ids_model(sp)
+    precision_flag(sp)
     sp.add_argument("--split", default="test", choices=["test", "valid"])
     sp.add_argument("--k", type=int, default=10)
     sp.add_argument("--temperature", type=_temperature, default=None, help="none | T | T0,T1,T2,T3")
@@ -527,12 +534,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("recommend", cmd_recommend, "top-K items for one user")
     data_ids_model(sp)
+    precision_flag(sp)
     sp.add_argument("--user", type=int, required=True)
     sp.add_argument("--k", type=int, default=10)
     sp.add_argument("--temperature", type=_temperature, default=None)
 
     sp = add("batch-recall", cmd_batch_recall, "top-K for every user -> Parquet (and Redis)")
     data_ids_model(sp)
+    precision_flag(sp)
     sp.add_argument("--out", required=True, help="output Parquet")
     sp.add_argument("--k", type=int, default=10)
     sp.add_argument("--batch-size", type=int, default=256)

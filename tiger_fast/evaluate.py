@@ -248,7 +248,7 @@ def _per_level_temperature(temperature, num_levels: int):
 
 
 def _decode_rankings(model, dataset, id_table, ex: EvalExamples, idmap: IdMap, *, k, temperature, seed,
-                     batch_size, backend, max_history, progress):
+                     batch_size, backend, max_history, progress, precision="fp32"):
     """Run tiger_fast.generate over the examples in batches -> (pred int64 (R, k) internal, scores)."""
     from .generate import generate  # imported here: decoding pulls in the compiled extensions
     from .trie import Trie
@@ -268,7 +268,7 @@ def _decode_rankings(model, dataset, id_table, ex: EvalExamples, idmap: IdMap, *
         # Row key = the user index: sampled lists do not depend on batching or on max_users.
         res = generate(model, hist, id_table, user_ids=users, k=k, temperature=temperature, seed=seed,
                        row_keys=torch.from_numpy(ex.users[s:e].copy()), backend=backend, trie=trie,
-                       max_history=max_history)
+                       max_history=max_history, precision=precision)
         preds.append(idmap.to_internal(res.item_ids))
         scores.append(res.scores.cpu())
     if not preds:
@@ -279,7 +279,7 @@ def _decode_rankings(model, dataset, id_table, ex: EvalExamples, idmap: IdMap, *
 def evaluate_retriever(model, dataset, id_table, split: str = "test", ks=(5, 10), k: int = 10,
                        temperature=None, batch_size: int = 256, max_users: int | None = None, seed: int = 0,
                        backend: str = "auto", *, max_history: int = 20, id_space: str = "external",
-                       progress: bool = False, return_rankings: bool = False) -> dict:
+                       progress: bool = False, return_rankings: bool = False, precision: str = "fp32") -> dict:
     """Recall/NDCG@ks, Entropy@K and coverage@K of a retriever on the leave-one-out ``split``.
 
     model: tiger_fast.t5.T5 or an HF T5ForConditionalGeneration on ``id_table.layout``;
@@ -287,7 +287,8 @@ def evaluate_retriever(model, dataset, id_table, split: str = "test", ks=(5, 10)
     k: items decoded per user (beam width; >= max(ks)); temperature: None (beam search), one float
     or one float per level (Gumbel-top-k sampling, seeded by ``seed`` with row key = user index);
     max_users: evaluate a random subset of this many users drawn with ``seed`` (None = all);
-    return_rankings: also return "rankings" int64 (R, k) internal indices, "targets", "users".
+    return_rankings: also return "rankings" int64 (R, k) internal indices, "targets", "users";
+    precision: generate's numeric mode ("fp32" exact, "bf16", "int8"; docs/generate_precision.md).
     Returns the :func:`evaluate_rankings` dict plus split, k, temperature, num_users_skipped,
     seconds (wall time of decoding) and users_per_second.
     """
@@ -303,7 +304,7 @@ def evaluate_retriever(model, dataset, id_table, split: str = "test", ks=(5, 10)
     t0 = time.perf_counter()
     pred, _ = _decode_rankings(model, dataset, id_table, ex, idmap, k=int(k), temperature=temperature,
                                seed=seed, batch_size=batch_size, backend=backend, max_history=max_history,
-                               progress=progress)
+                               progress=progress, precision=precision)
     secs = time.perf_counter() - t0
     res = evaluate_rankings(pred, ex.targets, dataset.leaf_categories(), ks, num_items=len(dataset.item_ids))
     res.update(split=split, k=int(k), temperature=None if temperature is None else list(temperature),

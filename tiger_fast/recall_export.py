@@ -88,12 +88,12 @@ def _export_ids(dataset):
 
 def batch_recall(model, dataset, id_table, path, *, k: int = 10, batch_size: int = 256,
                  max_history: int = 20, backend: str = "auto", temperature=None, seed: int = 0,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, precision: str = "fp32") -> dict:
     """Top-k items for every user of ``dataset`` from their full history; writes Parquet at ``path``
     with the catalogue's own user and item ids (see the module docstring).
 
     Histories are each user's whole sequence (the next item is what we recommend).  Returns a dict
-    with ``path``, ``users`` and ``seconds``."""
+    with ``path``, ``users`` and ``seconds``.  precision: generate's numeric mode ("fp32" exact)."""
     from tqdm.auto import tqdm
 
     from .generate import generate
@@ -113,7 +113,7 @@ def batch_recall(model, dataset, id_table, path, *, k: int = 10, batch_size: int
         hist = [dataset.item_ids[seq] for seq in dataset.sequences[s:s + batch_size]]
         res = generate(model, hist, id_table, user_ids=list(users), k=k, backend=backend,
                        temperature=temperature, seed=seed, max_history=max_history,
-                       row_keys=torch.arange(s, s + len(users)))
+                       row_keys=torch.arange(s, s + len(users)), precision=precision)
         all_items.append(res.item_ids.numpy())
         all_scores.append(res.scores.numpy())
         bar.update(len(users))
