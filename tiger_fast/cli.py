@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 
@@ -40,6 +41,8 @@ def _temperature(text):
         vals = tuple(float(x) for x in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--temperature must be 'none', a number or a comma list, got {text!r}")
+    if not all(0 < v < float("inf") for v in vals):
+        raise argparse.ArgumentTypeError(f"--temperature values must be finite numbers > 0, got {text!r}")
     return vals[0] if len(vals) == 1 else vals
 
 
@@ -70,21 +73,155 @@ def _plot_dir(text):
         raise argparse.ArgumentTypeError(str(e))
 
 
+def _codebook_sizes(text):
+    """'64,64,64' -> (64, 64, 64): one RQ-VAE codebook size per level."""
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"must be a comma list of positive ints, one per level (e.g. 64,64,64), "
+                                         f"got {text!r}")
+    return sizes
+
+
+def _text_fields(text):
+    """'title,brand' -> ('title', 'brand'); the names are checked by embed.fields_template."""
+    return tuple(f.strip() for f in text.split(","))
+
+
+#: ``embed --text-fields`` default: every item field, in DEFAULT_TEMPLATE's order (tests check it).
+DEFAULT_TEXT_FIELDS = "title,brand,categories,price,description"
+
+
+def _api_terms_to_cli(msg: str) -> str:
+    """Rewrite the Python-API advice a library error carries into the CLI flag that does the same."""
+    msg = re.sub(r"^load_tables(?: items| interactions)?: ", "", msg)
+    msg = msg.replace("unknown_columns='ignore' (drop) / 'keep' (store in item dicts)", "--ignore-unknown-columns (drop)")
+    return msg.replace("unknown_columns='ignore'", "--ignore-unknown-columns")
+
+
+def _load_data(a):
+    """``--data SPEC`` (and ``--ignore-unknown-columns``) -> Dataset; errors name the flag and the spec."""
+    unknown = "ignore" if getattr(a, "ignore_unknown_columns", False) else "error"
+    try:
+        return load_dataset_spec(a.data, unknown_columns=unknown)
+    except (ValueError, TypeError, OSError) as e:
+        raise CliError(f"--data {a.data}: {_api_terms_to_cli(str(e))}") from e
+
+
 def _load_ids(path, *, what="--ids"):
     from .ids import IdTable
 
     if not os.path.isfile(path):
         raise CliError(f"{what}: no such file {path!r} (write one with `tiger-fast assign-ids`)")
-    return IdTable.from_parquet(path)
+    try:
+        return IdTable.from_parquet(path)
+    except (ValueError, TypeError, OSError) as e:
+        raise CliError(f"{what} {path}: {e}") from e
 
 
-def _load_model(path, id_table):
+def _check_ids_cover(ds, table, a):
+    """Every item of ``--data`` needs a semantic ID in ``--ids`` (else training/decoding fail later, in API terms)."""
+    import numpy as np
+
+    have = table.contains(ds.item_ids).numpy()
+    if not have.all():
+        miss = np.flatnonzero(~have)
+        keys = ds.item_keys if ds.item_keys is not None else ds.item_ids.tolist()
+        raise CliError(f"--ids {a.ids} has no semantic ID for {miss.size} of the {ds.num_items} items of --data "
+                       f"{a.data} (e.g. item_id {', '.join(str(keys[i]) for i in miss[:5])}); make the ID table "
+                       f"from this catalogue: `tiger-fast embed --data ...`, then train-rqvae and assign-ids")
+
+
+def _load_data_and_ids(a):
+    """(Dataset, IdTable) for ``--data`` and ``--ids``, checked to fit each other."""
+    ds = _load_data(a)
+    table = _load_ids(a.ids)
+    _check_ids_cover(ds, table, a)
+    return ds, table
+
+
+def _npy_header(path, flag):
+    """(shape, dtype) of a .npy file, read from its header alone.  A missing, foreign or truncated
+    file is one CliError naming ``flag`` and ``path``."""
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise CliError(f"{flag}: no such file {path!r}")
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as fh:
+            version = fmt.read_magic(fh)
+            shape, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(fh)
+            offset = fh.tell()
+    except (ValueError, OSError, EOFError) as e:
+        raise CliError(f"{flag} {path}: not a .npy array file ({e})") from e
+    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    have = os.path.getsize(path) - offset
+    if have < need:
+        raise CliError(f"{flag} {path}: truncated .npy file: its header promises {shape} {dtype} ({need:,} bytes) "
+                       f"but {have:,} bytes follow; write the file again")
+    return shape, dtype
+
+
+def _embeddings_npy(path, flag="--embeddings"):
+    """Check an embeddings .npy: complete, 2-D float, at least one row -> (rows, dim)."""
+    import numpy as np
+
+    shape, dtype = _npy_header(path, flag)
+    if len(shape) != 2 or not np.issubdtype(dtype, np.floating):
+        raise CliError(f"{flag} {path} must hold a 2-D float array (items, dim), got {dtype} {shape}")
+    if shape[0] == 0 or shape[1] == 0:
+        raise CliError(f"{flag} {path} holds no embeddings (shape {shape}); embed a non-empty catalogue")
+    return shape
+
+
+def _check_temperature(t, table, a):
+    """A per-level --temperature needs one value per level of the --ids layout."""
+    if isinstance(t, tuple) and len(t) != table.layout.num_levels:
+        raise CliError(f"--temperature {','.join(map(str, t))}: {len(t)} values, but the IDs of --ids {a.ids} have "
+                       f"{table.layout.num_levels} levels; give one T or {table.layout.num_levels}")
+
+
+def _check_k(a, table):
+    if not 1 <= a.k <= len(table):
+        raise CliError(f"--k {a.k}: must be between 1 and the {len(table)} items of --ids {a.ids}")
+
+
+def _user_row(ds, text, spec):
+    """``--user`` (the catalogue's own user id, string or int) -> row in ds.user_ids."""
+    if ds.user_keys is not None:
+        rows = {k: n for n, k in enumerate(ds.user_keys)}
+        known = ds.user_keys
+        u = rows.get(text)
+    else:
+        rows = {int(v): n for n, v in enumerate(ds.user_ids)}
+        known = ds.user_ids.tolist()
+        try:
+            u = rows.get(int(text))
+        except ValueError:
+            raise CliError(f"--user {text}: the users of --data {spec} have integer ids (e.g. "
+                           f"{', '.join(map(str, known[:3]))})") from None
+    if u is None:
+        raise CliError(f"--user {text} is not a user of --data {spec} (its users are e.g. "
+                       f"{', '.join(map(str, known[:3]))})")
+    return u
+
+
+def _load_model(path, id_table, ids_path="the ID table"):
     from .t5 import load_t5
 
     if not os.path.exists(path):
         raise CliError(f"--model: no such checkpoint {path!r} (train one with `tiger-fast train`)")
-    model, layout = load_t5(path)
-    layout.check_compatible(id_table.layout, "--model layout vs --ids layout")
+    try:
+        model, layout = load_t5(path)
+    except (ValueError, TypeError, OSError) as e:
+        raise CliError(f"--model {path}: {e}") from e
+    try:
+        layout.check_compatible(id_table.layout, f"--model {path} layout vs --ids {ids_path} layout")
+    except ValueError as e:
+        raise CliError(str(e)) from e
     return model.eval()
 
 
@@ -103,8 +240,11 @@ def _parse_scalar(v: str):
     return v
 
 
-def load_dataset_spec(spec: str):
+def load_dataset_spec(spec: str, *, unknown_columns: str = "error"):
     """A :class:`tiger_fast.data.Dataset` from a one-string spec (the CLI's ``--data``); forms in ``_SPEC_HELP``.
+
+    ``unknown_columns`` is passed to :func:`tiger_fast.data.load_tables` for ``tables:`` specs
+    (``--ignore-unknown-columns``); any other value than "error" is refused for the other forms.
 
     ``synthetic`` options: ``items``, ``users``, ``seed`` and any :class:`tiger_fast.synthetic.SyntheticConfig` field.
     Two-path specs split at the last ``:``.  ``beauty``/``scientific`` alone use
@@ -117,6 +257,8 @@ def load_dataset_spec(spec: str):
         raise ValueError(_SPEC_HELP)
     kind, _, rest = spec.partition(":")
     kind = kind.lower()
+    if unknown_columns != "error" and kind != "tables":
+        raise ValueError("--ignore-unknown-columns applies to tables:ITEMS:INTERACTIONS specs only")
     if kind == "synthetic":
         kwargs: dict = {}
         alias = {"items": "num_items", "users": "num_users"}
@@ -138,7 +280,7 @@ def load_dataset_spec(spec: str):
             return load_lcrec(a, b)
         if kind == "amazon2014":
             return load_amazon2014(a, b)
-        return load_tables(a, b)
+        return load_tables(a, b, unknown_columns=unknown_columns)
     raise ValueError(f"unknown dataset spec {spec!r}; {_SPEC_HELP}")
 
 
@@ -154,13 +296,34 @@ def cmd_embed(a):
     import numpy as np
 
     from .atomic import write_npy
-    from .embed import embed_dataset
+    from .embed import embed_dataset, fields_template, item_texts
 
     ids_path = os.path.splitext(a.out)[0] + ".ids.npy"
     _check_out(a.out)
     _check_out(ids_path, "--out (its item ids file)")
-    ds = load_dataset_spec(a.data)
-    emb = embed_dataset(ds, a.model, batch_size=a.batch_size, cache_dir=a.cache_dir, progress=not a.quiet)
+    ds = _load_data(a)
+    fields = ",".join(a.text_fields)
+    try:
+        template = fields_template(a.text_fields)
+    except ValueError as e:
+        raise CliError(f"--text-fields {fields}: {e}") from e
+    if ds.embeddings is not None:
+        if a.text_fields != _text_fields(DEFAULT_TEXT_FIELDS):
+            raise CliError(f"--text-fields {fields}: the items table of --data {a.data} has an embedding column, "
+                           f"which embed writes as is; drop that column to embed item text instead")
+        print(f"--data {a.data} has an embedding column: writing it as is (no text embedded)", file=sys.stderr)
+    else:
+        empty = sum(1 for t in item_texts(ds, template) if not t)
+        if empty == ds.num_items:
+            raise CliError(f"--text-fields {fields}: no item of --data {a.data} has any of these fields")
+        if empty:
+            print(f"warning: {empty} of {ds.num_items} items of --data {a.data} have none of --text-fields "
+                  f"{fields}; they are embedded from an empty text", file=sys.stderr)
+    try:
+        emb = embed_dataset(ds, a.model, template, batch_size=a.batch_size, cache_dir=a.cache_dir,
+                            progress=not a.quiet)
+    except (ValueError, OSError, ImportError) as e:
+        raise CliError(f"--model {a.model or '(packaged all-MiniLM-L6-v2)'}: {e}") from e
     # ids first, embeddings last: an --out file always has its ids file next to it
     write_npy(ids_path, np.asarray(ds.item_ids, dtype=np.int64), what="--out (its item ids file)")
     write_npy(a.out, np.asarray(emb), what="--out")
@@ -170,16 +333,14 @@ def cmd_embed(a):
 def cmd_train_rqvae(a):
     import numpy as np
 
-    from .layout import TokenLayout
     from .rqvae import RQVAEConfig, RQVAETrainConfig, save_rqvae, train_rqvae
 
-    if not os.path.isfile(a.embeddings):
-        raise CliError(f"--embeddings: no such file {a.embeddings!r}")
-    emb = np.load(a.embeddings, mmap_mode="r")
-    if emb.ndim != 2:
-        raise CliError(f"--embeddings must hold a 2-D (items, dim) array, got shape {emb.shape}")
-    layout = TokenLayout()
-    cfg = RQVAEConfig(input_dim=int(emb.shape[1]), codebook_sizes=layout.codebook_sizes)
+    _embeddings_npy(a.embeddings)
+    emb = np.array(np.load(a.embeddings, mmap_mode="r", allow_pickle=False), dtype=np.float32)
+    bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+    if bad.size:
+        raise CliError(f"--embeddings {a.embeddings} has NaN/Inf in {bad.size} rows, e.g. {bad[:5].tolist()}")
+    cfg = RQVAEConfig(input_dim=int(emb.shape[1]), codebook_sizes=a.codebook_sizes)
     if a.paper:
         tcfg = RQVAETrainConfig.paper()
         tcfg.seed, tcfg.device = a.seed, a.device
@@ -191,7 +352,7 @@ def cmd_train_rqvae(a):
             usage = " ".join(f"{u:.0%}" for u in rec["usage"])
             print(f"epoch {rec['epoch']}: recon {rec['recon_loss']:.4f} rq {rec['rq_loss']:.4f} usage/level {usage}")
 
-    model, hist = train_rqvae(np.array(emb, dtype=np.float32), cfg, tcfg, progress=not a.quiet, log=log)
+    model, hist = train_rqvae(emb, cfg, tcfg, progress=not a.quiet, log=log)
     save_rqvae(model, a.out)
     print(f"wrote {a.out}")
 
@@ -219,6 +380,13 @@ def cmd_assign_ids(a):
         return
     from .assign import assign_ids
 
+    if a.embeddings.lower().endswith(".npy"):
+        rows = _embeddings_npy(a.embeddings)[0]
+        if a.item_ids:
+            shape, _ = _npy_header(a.item_ids, "--item-ids")
+            if shape != (rows,):
+                raise CliError(f"--item-ids {a.item_ids} holds shape {shape}, but --embeddings {a.embeddings} has "
+                               f"{rows} rows; give one id per row (embed writes them as EMB.ids.npy)")
     rep = assign_ids(a.rqvae, a.embeddings, a.out, ids=a.item_ids, chunk_size=a.chunk_size,
                      backend=a.backend, work_dir=a.work_dir, restart=a.restart, progress=not a.quiet,
                      embedding_column=a.embedding_column, id_column=a.id_column)
@@ -232,7 +400,8 @@ def cmd_id_report(a):
     table = _load_ids(a.ids)
     rep = table.report()
     if a.data:
-        ds = load_dataset_spec(a.data)
+        ds = _load_data(a)
+        _check_ids_cover(ds, table, a)
         rep.update(semantic_id_report(table, leaf_categories_by_row(ds, table)))
     if a.plot:
         from .plots import plot_id_report
@@ -243,28 +412,53 @@ def cmd_id_report(a):
 
 
 def cmd_train(a):
-    from .pipeline import PipelineConfig, train_tiger
+    import torch
+
+    from .pipeline import RECIPES, model_preset, recipe, train_tiger
     from .t5 import save_t5
     from .train import init_distributed
 
+    if a.preset not in RECIPES:
+        raise CliError(f"--preset: unknown preset {a.preset!r}; choose one of {', '.join(sorted(RECIPES))}")
+    if a.time_budget is not None and a.time_budget <= 0:
+        raise CliError(f"--time-budget must be > 0 seconds, got {a.time_budget}")
+    if a.threads is not None:
+        if a.threads < 1:
+            raise CliError(f"--threads must be >= 1, got {a.threads}")
+        torch.set_num_threads(a.threads)
     # Under torchrun (WORLD_SIZE > 1) this joins the process group (gloo on CPU, NCCL on GPU) and
     # train_retriever shards every global batch across ranks; otherwise it is a no-op.
     rank, _, device = init_distributed()
-    ds = load_dataset_spec(a.data)
-    table = _load_ids(a.ids)
-    t5 = {}
+    ds, table = _load_data_and_ids(a)
+    # the preset's recipe, then every flag given explicitly
+    given = {"steps": a.steps, "time_budget_s": a.time_budget, "batch_size": a.batch_size, "lr": a.lr,
+             "warmup_steps": a.warmup, "eval_every": a.eval_every, "eval_users": a.eval_users,
+             "length_buckets": a.length_buckets, "schedule": a.schedule, "weight_decay": a.weight_decay,
+             "label_smoothing": a.label_smoothing, "precision": a.precision, "patience": a.patience,
+             "eval_every_s": None if a.eval_every_min is None else a.eval_every_min * 60}
+    cfg = recipe(a.preset, seed=a.seed, backend=a.backend, device=device,
+                 **{k: v for k, v in given.items() if v is not None})
+    if a.model_size is not None:
+        try:
+            cfg.t5 = model_preset(a.model_size)
+        except ValueError as e:
+            raise CliError(f"--model-size: {e}") from None
     if a.layers:
-        t5 = {"num_encoder_layers": a.layers, "num_decoder_layers": a.layers}
-    cfg = PipelineConfig(seed=a.seed, t5=t5, steps=a.steps, time_budget_s=a.time_budget,
-                         batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup, eval_every=a.eval_every,
-                         eval_users=a.eval_users, backend=a.backend, device=device,
-                         length_buckets=a.length_buckets)
+        cfg.t5 = {**cfg.t5, "num_encoder_layers": a.layers, "num_decoder_layers": a.layers}
+    if cfg.time_budget_s is not None and cfg.eval_users and cfg.time_budget_s < 30:
+        raise CliError(f"--time-budget {cfg.time_budget_s:g} s is too short to train and run one validation; "
+                       "give at least 30 s (or --eval-users 0 to train without validation)")
     model, hist = train_tiger(ds, table, cfg, checkpoint_dir=os.path.join(a.out, "checkpoints"),
                               progress=not a.quiet and rank == 0)
     if rank != 0:
         return
     save_t5(model.cpu(), table.layout, os.path.join(a.out, "model"))
-    print(json.dumps({k: hist.get(k) for k in ("final_step", "stopped", "best_step", "best_value", "steps_per_s")}))
+    keep = ("final_step", "planned_steps", "stopped", "best_step", "best_value", "steps_per_s", "wall_s")
+    print(json.dumps({k: hist.get(k) for k in keep}))
+    if hist.get("best_step") is not None and hist.get("best_step") != hist.get("final_step"):
+        print(f"kept the best validation checkpoint (step {hist['best_step']} of {hist['final_step']})")
+    for w in hist.get("warnings", []):
+        print(f"warning: {w}", file=sys.stderr)
     print(f"wrote {os.path.join(a.out, 'model')}")
     if a.plot:
         from .plots import plot_training
@@ -321,13 +515,14 @@ def cmd_evaluate(a):
         raise CliError("--plot: needs --temperatures (the decoding settings to plot)")
     if a.sample_seeds and not a.temperatures:
         raise CliError("--sample-seeds: applies to --temperatures only")
-    ds = load_dataset_spec(a.data)
-    table = _load_ids(a.ids)
+    ds, table = _load_data_and_ids(a)
     levels = table.layout.num_levels
     for t in a.temperatures or []:
         if isinstance(t, tuple) and len(t) != levels:
             raise CliError(f"--temperatures: setting {t} has {len(t)} values; give one T or {levels} (one per level)")
-    model = _load_model(_resolve_model_dir(a.model), table)
+    model = _load_model(_resolve_model_dir(a.model), table, a.ids)
+    _check_k(a, table)
+    _check_temperature(a.temperature, table, a)
     res = evaluate_retriever(model, ds, table, split=a.split, k=a.k, temperature=a.temperature,
                              max_users=a.max_users, seed=a.seed, backend=a.backend, progress=not a.quiet,
                              precision=a.precision)
@@ -351,22 +546,27 @@ def cmd_evaluate(a):
 def cmd_recommend(a):
     from .generate import generate
 
-    ds = load_dataset_spec(a.data)
-    table = _load_ids(a.ids)
-    model = _load_model(_resolve_model_dir(a.model), table)
-    where = {int(u): n for n, u in enumerate(ds.user_ids)}
-    if a.user not in where:
-        raise CliError(f"--user {a.user} is not a user of {a.data}")
-    u = where[a.user]
+    ds, table = _load_data_and_ids(a)
+    model = _load_model(_resolve_model_dir(a.model), table, a.ids)
+    u = _user_row(ds, a.user, a.data)
+    _check_k(a, table)
+    _check_temperature(a.temperature, table, a)
     hist = ds.item_ids[ds.sequences[u]]
-    res = generate(model, [hist], table, user_ids=[a.user], k=a.k, temperature=a.temperature, seed=a.seed,
-                   backend=a.backend, precision=a.precision)
+    res = generate(model, [hist], table, user_ids=[int(ds.user_ids[u])], k=a.k, temperature=a.temperature,
+                   seed=a.seed, backend=a.backend, precision=a.precision)
+    name = {int(i): str(ds.item_keys[n] if ds.item_keys is not None else i) for n, i in enumerate(ds.item_ids)}
     titles = {int(i): it.get("title", "") for i, it in zip(ds.item_ids, ds.items)}
-    print(f"user {a.user}, last items: " + "; ".join(titles[int(i)] for i in hist[-3:]))
-    for rank, (i, code, s) in enumerate(zip(res.item_ids[0], res.codes[0], res.scores[0]), 1):
+    print(f"user {a.user}, last items: " + "; ".join(titles[int(i)] or name[int(i)] for i in hist[-3:]))
+    if a.temperature is None:
+        print(f"top {a.k} by beam search, best first; log-prob = the model's log-probability of the ID")
+    else:
+        t = a.temperature if isinstance(a.temperature, float) else ",".join(map(str, a.temperature))
+        print(f"{a.k} distinct items sampled at --temperature {t} (--seed {a.seed}), in sample order: NOT a ranking; "
+              f"log-prob = the model's untempered log-probability of the ID")
+    for n, (i, code, s) in enumerate(zip(res.item_ids[0], res.codes[0], res.scores[0]), 1):
         if int(i) < 0:
             break
-        print(f"{rank:>3}. item {int(i)}  id {code.tolist()}  log-prob {float(s):.3f}  {titles.get(int(i), '')}")
+        print(f"{n:>3}. item {name[int(i)]}  id {code.tolist()}  log-prob {float(s):.3f}  {titles.get(int(i), '')}")
 
 
 def cmd_batch_recall(a):
@@ -376,9 +576,10 @@ def cmd_batch_recall(a):
     retain_freed_memory()  # a long batch job: keep freed buffers instead of page-faulting them back in
 
     _check_out(a.out)
-    ds = load_dataset_spec(a.data)
-    table = _load_ids(a.ids)
-    model = _load_model(_resolve_model_dir(a.model), table)
+    ds, table = _load_data_and_ids(a)
+    model = _load_model(_resolve_model_dir(a.model), table, a.ids)
+    _check_k(a, table)
+    _check_temperature(a.temperature, table, a)
     rep = batch_recall(model, ds, table, a.out, k=a.k, batch_size=a.batch_size, backend=a.backend,
                        temperature=a.temperature, seed=a.seed, progress=not a.quiet, precision=a.precision)
     if a.redis:
@@ -415,12 +616,36 @@ def cmd_serve(a):
     return run_server(loader, cfg, host=a.host, port=a.port, log_level=a.log_level, access_log=a.access_log)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every option's default (argparse's defaults formatter); descriptions keep their lines."""
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser: every optional argument shows its default in --help (an option added
+    without help text gets just its default), a required one shows none."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("required"):
+            kwargs.setdefault("default", argparse.SUPPRESS)
+        elif kwargs.get("help") is None:
+            kwargs["help"] = "(default: %(default)s)"
+        return super().add_argument(*args, **kwargs)
+
+
+_TEMPERATURE_HELP = ("none = beam search, a ranking best first; T > 0 (all levels) or T0,T1,T2,T3 (one per ID level) "
+                     "= draw K distinct items by stochastic beam search, listed in draw order (not a ranking)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tiger-fast", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                formatter_class=_HelpFormatter,
                                 epilog="Dataset SPECs: synthetic[:items=N,users=M,seed=S] | beauty[:DIR] | scientific | "
                                        "lcrec:DIR:NAME | amazon2014:REVIEWS:META | tables:ITEMS:INTERACTIONS")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
 
     def add(name, fn, help_):
         sp = sub.add_parser(name, help=help_, description=help_)
@@ -428,14 +653,20 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
         return sp
 
+    def ignore_unknown(sp):
+        sp.add_argument("--ignore-unknown-columns", action="store_true",
+                        help="tables:ITEMS:INTERACTIONS: drop columns other than the known ones (README, 'Your own "
+                             "catalogue'), e.g. a rating column, instead of refusing the tables")
+
     def data_ids_model(sp, model=True):
         sp.add_argument("--data", required=True, help="dataset SPEC (see `tiger-fast --help`)")
+        ignore_unknown(sp)
         sp.add_argument("--ids", required=True, help="ID table Parquet from assign-ids")
         if model:
             sp.add_argument("--model", required=True, help="retriever directory from `tiger-fast train`")
         sp.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda"],
-                        help="decoding backend (default auto)")
-        sp.add_argument("--seed", type=int, default=0)
+                        help="decoding backend")
+        sp.add_argument("--seed", type=int, default=0, help="random seed (--temperature sampling; evaluate: the --max-users subset)")
 
     def precision_flag(sp):
         sp.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
@@ -444,63 +675,91 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("demo", cmd_demo, "the whole pipeline on the embedded synthetic catalogue (a few minutes on 2 cores)")
     sp.add_argument("--out", default=None, help="directory to save the artefacts (rqvae, ids, retriever, report)")
-    sp.add_argument("--items", type=int, default=2000)
-    sp.add_argument("--users", type=int, default=3000)
-    sp.add_argument("--time-budget", type=float, default=100.0, help="retriever training seconds (default 100)")
+    sp.add_argument("--items", type=int, default=2000, help="synthetic catalogue size")
+    sp.add_argument("--users", type=int, default=3000, help="synthetic users")
+    sp.add_argument("--time-budget", type=float, default=100.0, help="retriever training seconds")
 
     sp = add("embed", cmd_embed, "embed item text with a sentence encoder -> .npy (+ .ids.npy)")
     sp.add_argument("--data", required=True, help="dataset SPEC")
+    ignore_unknown(sp)
     sp.add_argument("--out", required=True, help="output .npy")
-    sp.add_argument("--model", default=None, help="sentence-transformers name/path (default: packaged all-MiniLM-L6-v2)")
-    sp.add_argument("--batch-size", type=int, default=128)
-    sp.add_argument("--cache-dir", default=None, help="embedding cache directory")
+    sp.add_argument("--text-fields", type=_text_fields, default=DEFAULT_TEXT_FIELDS,
+                    help="item fields embedded, in this order, as 'Title: ...; Brand: ...' (a field an item lacks "
+                         "is left out of its text); names among title,brand,categories,price,description")
+    sp.add_argument("--model", default=None,
+                    help="sentence-transformers name/path; None = the packaged all-MiniLM-L6-v2")
+    sp.add_argument("--batch-size", type=int, default=128, help="texts per encoder batch")
+    sp.add_argument("--cache-dir", default=None, help="embedding cache directory (None: no cache)")
 
     sp = add("train-rqvae", cmd_train_rqvae, "train the RQ-VAE on item embeddings")
     sp.add_argument("--embeddings", required=True, help=".npy float array (items, dim)")
     sp.add_argument("--out", required=True, help="output directory (safetensors + JSON)")
-    sp.add_argument("--epochs", type=int, default=50)
-    sp.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    sp.add_argument("--codebook-sizes", type=_codebook_sizes, default="256,256,256",
+                    help="codes per RQ-VAE level, one per level (the semantic ID is these levels + a collision "
+                         "code); a catalogue of a few thousand items wants smaller ones, e.g. 64,64,64")
+    sp.add_argument("--epochs", type=int, default=50, help="passes over the embeddings")
+    sp.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     sp.add_argument("--paper", action="store_true", help="the paper's schedule: Adagrad lr 0.4, 20k epochs")
-    sp.add_argument("--batch-size", type=int, default=1024)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--batch-size", type=int, default=1024, help="embeddings per step")
+    sp.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
+    sp.add_argument("--device", default="cpu", help="torch device")
 
     sp = add("assign-ids", cmd_assign_ids, "assign unique semantic IDs (streaming, resumable) -> ID table Parquet")
     sp.add_argument("--rqvae", required=True, help="RQ-VAE directory from train-rqvae")
     sp.add_argument("--embeddings", required=True, help=".npy (memory-mapped) or Parquet with an embedding column")
-    sp.add_argument("--item-ids", default=None, help=".npy of item ids for a .npy source (default: row index)")
-    sp.add_argument("--embedding-column", default="embedding")
-    sp.add_argument("--id-column", default="item_id")
+    sp.add_argument("--item-ids", default=None, help=".npy of item ids for a .npy source; None = the row index")
+    sp.add_argument("--embedding-column", default="embedding", help="embedding column of a Parquet source")
+    sp.add_argument("--id-column", default="item_id", help="item id column of a Parquet source")
     sp.add_argument("--out", required=True, help="output ID table (.parquet)")
-    sp.add_argument("--chunk-size", type=int, default=65536)
-    sp.add_argument("--work-dir", default=None, help="intermediate files (default OUT.work); a rerun resumes from it")
+    sp.add_argument("--chunk-size", type=int, default=65536, help="rows per streamed chunk")
+    sp.add_argument("--work-dir", default=None, help="intermediate files, a rerun resumes from them; None = OUT.work")
     sp.add_argument("--restart", action="store_true", help="discard a previous run's work dir")
-    sp.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "triton"])
+    sp.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "triton"],
+                    help="residual quantization backend")
     sp.add_argument("--ray", action="store_true", help="run on Ray Data (pip install 'tiger_fast[ray]'); Parquet input")
     sp.add_argument("--ray-address", default=None, help="Ray cluster address (e.g. auto, ray://head:10001); implies --ray")
-    sp.add_argument("--ray-workers", type=int, default=None, help="map actors (default: one per CPU/GPU)")
+    sp.add_argument("--ray-workers", type=int, default=None, help="map actors; None = one per CPU/GPU")
     sp.add_argument("--ray-gpu", default="auto", choices=["auto", "yes", "no"], help="GPU actors (auto: if the cluster has GPUs)")
 
     sp = add("id-report", cmd_id_report, "collisions, max collision depth, usage per level (+ semantic check with --data)")
-    sp.add_argument("--ids", required=True)
-    sp.add_argument("--data", default=None, help="dataset SPEC, for the leaf-category check")
+    sp.add_argument("--ids", required=True, help="ID table Parquet from assign-ids")
+    sp.add_argument("--data", default=None, help="dataset SPEC, for the leaf-category check (None: no check)")
+    ignore_unknown(sp)
     sp.add_argument("--plot", type=_plot_dir, default=None, metavar="DIR",
                     help="also write PNG pictures into DIR (codes per level, collision groups, trie branching, "
                          "+ category agreement with --data; needs tiger_fast[plot])")
 
     sp = add("train", cmd_train, "train the T5 retriever (resumes from OUT/checkpoints)")
-    sp.add_argument("--data", required=True)
-    sp.add_argument("--ids", required=True)
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--steps", type=int, default=200_000)
-    sp.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
-    sp.add_argument("--batch-size", type=int, default=256)
-    sp.add_argument("--lr", type=float, default=0.01)
-    sp.add_argument("--warmup", type=int, default=10_000)
+    sp.add_argument("--data", required=True, help="dataset SPEC (see `tiger-fast --help`)")
+    ignore_unknown(sp)
+    sp.add_argument("--ids", required=True, help="ID table Parquet from assign-ids")
+    sp.add_argument("--out", required=True, help="output directory (OUT/model, OUT/checkpoints)")
+    sp.add_argument("--preset", default="cpu",
+                    help="training recipe: 'cpu' (chosen on Beauty's validation split for CPU budgets: small T5, "
+                         "cosine decay fitted to --time-budget, validation every 5 min, early stopping) or "
+                         "'paper' (the TIGER paper's schedule); the flags below override it")
+    sp.add_argument("--time-budget", type=float, default=1800.0,
+                    help="training wall seconds; the schedule is sized to it")
+    sp.add_argument("--model-size", default=None, choices=["small", "paper", "6x6"],
+                    help="T5 shape (default: the preset's; small = d_model 64, 2+2 layers; paper = 4+4, d_model 128)")
+    sp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    sp.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                    help="bf16 = autocast (fp32 master weights, fp32 loss and softmax); default: the preset's (fp32)")
+    sp.add_argument("--steps", type=int, default=None, help="step cap (default: the preset's)")
+    sp.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
+    sp.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
+    sp.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: the preset's)")
+    sp.add_argument("--schedule", default=None, choices=["cosine", "rsqrt"], help="default: the preset's")
+    sp.add_argument("--weight-decay", type=float, default=None, help="default: the preset's")
+    sp.add_argument("--label-smoothing", type=float, default=None, help="default: the preset's (0)")
     sp.add_argument("--layers", type=int, default=None, help="encoder and decoder layers (paper: 4)")
-    sp.add_argument("--eval-every", type=int, default=5000)
-    sp.add_argument("--eval-users", type=int, default=1000)
-    sp.add_argument("--length-buckets", type=int, default=0,
+    sp.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: the preset's)")
+    sp.add_argument("--eval-every-min", type=float, default=None,
+                    help="validate every M wall minutes (default: the preset's, 5 for cpu)")
+    sp.add_argument("--eval-users", type=int, default=None, help="validation users (0 = no validation)")
+    sp.add_argument("--patience", type=int, default=None,
+                    help="stop after N validations without a new best (default: the preset's)")
+    sp.add_argument("--length-buckets", type=int, default=None,
                     help="sort windows of N batches by history length (less padding: ~3.6x faster on Beauty); "
                          "0 = uniform random batches, as in the paper")
     sp.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda"])
@@ -535,19 +794,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("recommend", cmd_recommend, "top-K items for one user")
     data_ids_model(sp)
     precision_flag(sp)
-    sp.add_argument("--user", type=int, required=True)
-    sp.add_argument("--k", type=int, default=10)
-    sp.add_argument("--temperature", type=_temperature, default=None)
+    sp.add_argument("--user", required=True, help="the user's id as in --data (a string id such as alice, or an int)")
+    sp.add_argument("--k", type=int, default=10, help="items to list")
+    sp.add_argument("--temperature", type=_temperature, default=None, help=_TEMPERATURE_HELP)
 
     sp = add("batch-recall", cmd_batch_recall, "top-K for every user -> Parquet (and Redis)")
     data_ids_model(sp)
     precision_flag(sp)
     sp.add_argument("--out", required=True, help="output Parquet")
-    sp.add_argument("--k", type=int, default=10)
-    sp.add_argument("--batch-size", type=int, default=256)
-    sp.add_argument("--temperature", type=_temperature, default=None)
+    sp.add_argument("--k", type=int, default=10, help="items per user")
+    sp.add_argument("--batch-size", type=int, default=256, help="users per decoding batch")
+    sp.add_argument("--temperature", type=_temperature, default=None, help=_TEMPERATURE_HELP)
     sp.add_argument("--redis", default=None, help="redis://host:port/db to load the lists into (atomic)")
-    sp.add_argument("--redis-prefix", default="tiger:rec:")
+    sp.add_argument("--redis-prefix", default="tiger:rec:", help="Redis key prefix: one list per user at PREFIX<user_id>")
 
     sp = add("serve", cmd_serve, "HTTP service: POST /recommend (dynamic micro-batching), POST/DELETE /items "
                                  "(hot items), GET /health, GET /metrics (README, 'Online serving')")

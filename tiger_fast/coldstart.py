@@ -190,8 +190,8 @@ def merge_cold_items(gen_item_ids, gen_codes, gen_scores, cold_item_ids, cold_co
     epsilon in [0, 1];
     prefix_len: codes that must match (default L - 1, i.e. all RQ-VAE levels, not the collision code).
     """
-    items = M._as_int_tensor(gen_item_ids, "gen_item_ids", 2)
-    codes = M._as_int_tensor(gen_codes, "gen_codes", 3)
+    items = M.as_int_tensor(gen_item_ids, "gen_item_ids", 2)
+    codes = M.as_int_tensor(gen_codes, "gen_codes", 3)
     scores = torch.as_tensor(gen_scores).detach().cpu()
     R, Kp = items.shape
     if codes.shape[:2] != (R, Kp) or scores.shape != (R, Kp):
@@ -200,8 +200,8 @@ def merge_cold_items(gen_item_ids, gen_codes, gen_scores, cold_item_ids, cold_co
     if not scores.is_floating_point():
         raise TypeError(f"gen_scores must be floating point, got {scores.dtype}")
     L = codes.shape[2]
-    cids = M._as_int_tensor(cold_item_ids, "cold_item_ids", 1)
-    ccodes = M._as_int_tensor(cold_codes, "cold_codes", 2)
+    cids = M.as_int_tensor(cold_item_ids, "cold_item_ids", 1)
+    ccodes = M.as_int_tensor(cold_codes, "cold_codes", 2)
     if ccodes.shape != (cids.shape[0], L):
         raise ValueError(f"cold_codes must be (C, {L}) aligned with cold_item_ids (C = {cids.shape[0]}), "
                          f"got {tuple(ccodes.shape)}")
@@ -275,7 +275,7 @@ def cold_start_retrieve(model, histories, id_table, cold_item_ids, *, user_ids=N
     from .generate import generate
     from .trie import Trie
 
-    cids = M._as_int_tensor(cold_item_ids, "cold_item_ids", 1)
+    cids = M.as_int_tensor(cold_item_ids, "cold_item_ids", 1)
     cold_rows = id_table.rows_of(cids)  # raises on ids not in the table
     warm = torch.ones(len(id_table), dtype=torch.bool)
     warm[cold_rows] = False
@@ -315,8 +315,8 @@ def semantic_knn_baseline(embeddings, query_items, cold_items, k: int = 10, *, b
         raise ValueError(f"embeddings must be a float (N, D) array, got {emb.dtype} {tuple(emb.shape)}")
     emb = emb.detach().cpu().double()
     N = emb.shape[0]
-    q = M._as_int_tensor(query_items, "query_items", 1)
-    c = M._as_int_tensor(cold_items, "cold_items", 1)
+    q = M.as_int_tensor(query_items, "query_items", 1)
+    c = M.as_int_tensor(cold_items, "cold_items", 1)
     for name, t in (("query_items", q), ("cold_items", c)):
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= N):
             raise ValueError(f"{name} must be item indices in [0, {N}) (rows of embeddings)")

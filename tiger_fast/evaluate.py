@@ -34,7 +34,7 @@ import torch
 from . import metrics as M
 from .checks import check_int, is_int
 from .decoding import encoder_batch, make_stepper, model_device
-from .reference.generate import eos_rerank, top_by_key
+from .reference.generate import eos_rerank, temperatures, top_by_key
 
 __all__ = [
     "EvalExamples",
@@ -197,7 +197,7 @@ def evaluate_rankings(pred, targets, item_categories, ks=(5, 10), *, num_items: 
     (default len(item_categories)).  Returns {"recall@k", "ndcg@k" for k in ks, "entropy@K",
     "coverage@K" with K = max(ks), "num_examples"} (floats, num_examples an int)."""
     ks = check_ks(ks)
-    p = M._check_pred(pred)
+    p = M.check_pred(pred)
     K = max(ks)
     if p.shape[1] < K:
         raise ValueError(f"pred has {p.shape[1]} columns but ks asks for @{K}; decode at least {K} items")
@@ -234,17 +234,8 @@ def evaluate_popularity(dataset, split: str = "test", ks=(5, 10), *, max_users=N
 # ---- retriever evaluation -----------------------------------------------------------------------
 def _per_level_temperature(temperature, num_levels: int):
     """None | float | sequence of num_levels floats -> None | tuple of num_levels floats > 0."""
-    if temperature is None:
-        return None
-    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
-        temperature = (float(temperature),) * num_levels
-    t = tuple(float(x) for x in temperature)
-    if len(t) != num_levels:
-        raise ValueError(f"temperature must be None, one float or {num_levels} floats (one per level), "
-                         f"got {temperature!r}")
-    if any(not math.isfinite(x) or x <= 0 for x in t):
-        raise ValueError(f"temperatures must be finite and > 0, got {t}")
-    return t
+    t = temperatures(temperature, num_levels)  # generate's check
+    return None if t is None else tuple(t)
 
 
 def _decode_rankings(model, dataset, id_table, ex: EvalExamples, idmap: IdMap, *, k, temperature, seed,

@@ -248,7 +248,7 @@ def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beam
     if num_beams < k:
         raise ValueError(f"num_beams ({num_beams}) must be >= k ({k})")
     L = layout.num_levels
-    temps = ref._temperatures(temperature, L)
+    temps = ref.temperatures(temperature, L)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2 ** 64:
         raise ValueError(f"seed must be an int in [0, 2^64), got {seed!r}")
     if not isinstance(eos, bool):

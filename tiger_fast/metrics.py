@@ -39,7 +39,7 @@ PAD = -1  # padding sentinel in rankings and generated codes
 
 
 # ---- input validation ---------------------------------------------------------------------------
-def _as_int_tensor(x, name: str, ndim: int) -> torch.Tensor:
+def as_int_tensor(x, name: str, ndim: int) -> torch.Tensor:
     """Convert ``x`` to a CPU int64 tensor with ``ndim`` dims; TypeError/ValueError otherwise."""
     if isinstance(x, np.ndarray):
         if x.dtype == object:
@@ -71,8 +71,9 @@ def _check_k(k, K: int, name: str = "k") -> int:
     return k
 
 
-def _check_pred(pred, name: str = "pred") -> torch.Tensor:
-    p = _as_int_tensor(pred, name, 2)
+def check_pred(pred, name: str = "pred") -> torch.Tensor:
+    """A ranked list batch: int64 (R, K) CPU tensor of item ids, -1 = padding (ValueError otherwise)."""
+    p = as_int_tensor(pred, name, 2)
     if p.numel() and bool((p < PAD).any()):
         raise ValueError(f"{name} holds ids < -1; valid entries are item ids >= 0 and -1 is padding")
     return p
@@ -91,7 +92,7 @@ def _reduce(values: torch.Tensor, reduction: str, what: str):
 
 def _first_hit_rank(pred: torch.Tensor, target, k: int) -> torch.Tensor:
     """int64 (R,) 0-based rank of target within pred[:, :k], or k when it is absent."""
-    t = _as_int_tensor(target, "target", 1)
+    t = as_int_tensor(target, "target", 1)
     if t.shape[0] != pred.shape[0]:
         raise ValueError(f"target has {t.shape[0]} rows but pred has {pred.shape[0]}; "
                          "pass one target per ranking row")
@@ -109,7 +110,7 @@ def recall_at_k(pred, target, k: int, *, reduction: str = "mean"):
     pred: int (R, K) ranked item ids, -1 padding; target: int (R,) the held-out item of each row;
     k: 1 <= k <= K.  Returns float (mean over rows) or float64 (R,) with ``reduction="none"``.
     """
-    p = _check_pred(pred)
+    p = check_pred(pred)
     k = _check_k(k, p.shape[1])
     rank = _first_hit_rank(p, target, k)
     return _reduce((rank < k).double(), reduction, "recall_at_k")
@@ -118,7 +119,7 @@ def recall_at_k(pred, target, k: int, *, reduction: str = "mean"):
 def ndcg_at_k(pred, target, k: int, *, reduction: str = "mean"):
     """NDCG@k with a single relevant item: 1 / log2(rank + 2) if it is at 0-based rank < k, else 0
     (the ideal DCG is 1).  Shapes and reduction as :func:`recall_at_k`."""
-    p = _check_pred(pred)
+    p = check_pred(pred)
     k = _check_k(k, p.shape[1])
     rank = _first_hit_rank(p, target, k)
     gain = 1.0 / torch.log2(rank.double() + 2.0)
@@ -166,7 +167,7 @@ def entropy_at_k(pred, item_categories, k: int, *, reduction: str = "mean"):
     items, and a list with no valid item has entropy 0.  A list of k items spans 0 (one category)
     to log2(k) bits (all distinct).  Example: top-5 with category shares 0.6/0.2/0.2 -> 1.371 bits.
     """
-    p = _check_pred(pred)
+    p = check_pred(pred)
     k = _check_k(k, p.shape[1])
     cats = _category_codes(item_categories)
     top = p[:, :k]
@@ -195,7 +196,7 @@ def coverage(pred, num_items: int, k: int | None = None) -> float:
     """Catalogue coverage: the fraction of the catalogue's ``num_items`` items that appear in at
     least one of the top-k lists (k = all K columns when None).  pred: int (R, K), -1 padding.
     Returns 0.0 for R = 0 (no lists cover nothing)."""
-    p = _check_pred(pred)
+    p = check_pred(pred)
     check_int(num_items, "num_items (the catalogue size)")
     if k is not None:
         p = p[:, :_check_k(k, p.shape[1])]
@@ -229,7 +230,7 @@ def _valid_code_tensor(valid_codes, L: int) -> torch.Tensor:
             return torch.zeros(0, L, dtype=torch.int64)
     if isinstance(obj, (list, tuple)) and not obj:
         return torch.zeros(0, L, dtype=torch.int64)
-    t = _as_int_tensor(obj, "valid_codes", 2)
+    t = as_int_tensor(obj, "valid_codes", 2)
     if t.shape[1] != L:
         raise ValueError(f"valid_codes have {t.shape[1]} levels but generated_codes have {L}; "
                          "compare full semantic IDs (with the collision token) on both sides")
@@ -247,7 +248,7 @@ def invalid_rate(generated_codes, valid_codes, *, reduction: str = "mean"):
     Returns the fraction over all produced IDs (float; raises if none were produced), or with
     ``reduction="none"`` the per-row fraction float64 (R,) (NaN for a row with no produced ID).
     """
-    g = _as_int_tensor(generated_codes, "generated_codes", 3)
+    g = as_int_tensor(generated_codes, "generated_codes", 3)
     R, K, L = g.shape
     if L < 1:
         raise ValueError("generated_codes must have at least one level (last dim L >= 1)")
@@ -283,7 +284,7 @@ def codebook_usage(codes, sizes) -> list[float]:
     codes: int (N, L) semantic codes (RQ-VAE levels, optionally with the collision level);
     sizes: L ints, the size of each level's codebook.  Returns L floats in [0, 1] (0 when N = 0).
     """
-    c = _as_int_tensor(codes, "codes", 2)
+    c = as_int_tensor(codes, "codes", 2)
     sizes = [int(s) for s in sizes]
     if len(sizes) != c.shape[1]:
         raise ValueError(f"sizes has {len(sizes)} entries but codes have {c.shape[1]} levels; "

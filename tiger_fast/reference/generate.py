@@ -273,7 +273,9 @@ class DecodeOutput:
 StepFn = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
 
 
-def _temperatures(temperature, num_levels: int) -> list[float] | None:
+def temperatures(temperature, num_levels: int) -> list[float] | None:
+    """The one check of a temperature argument: None (beam search) | one float > 0 | num_levels
+    floats > 0 -> None | list of num_levels floats (TypeError / ValueError naming ``temperature``)."""
     if temperature is None:
         return None
     if isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
@@ -289,7 +291,7 @@ def _temperatures(temperature, num_levels: int) -> list[float] | None:
         if len(temps) != num_levels:
             raise ValueError(f"temperature must have one value per level ({num_levels}), got {len(temps)}")
     if any(not (t > 0) or math.isinf(t) for t in temps):
-        raise ValueError(f"temperature values must be finite and > 0, got {temps}")
+        raise ValueError(f"temperatures must be finite and > 0, got {temps}")
     return temps
 
 
@@ -312,7 +314,7 @@ def constrained_decode(step_fn: StepFn, children: Sequence[torch.Tensor], layout
     L = layout.num_levels
     if len(children) != L:
         raise ValueError(f"children must have {L} tables (one per level), got {len(children)}")
-    temps = _temperatures(temperature, L)
+    temps = temperatures(temperature, L)
     R, B = int(num_rows), int(num_beams)
     if R < 1 or B < 1:
         raise ValueError(f"num_rows and num_beams must be >= 1, got {R}, {B}")
