@@ -227,9 +227,9 @@ def test_empty_splits_are_clear_errors():
 def test_budget_too_small_for_one_validation(syn):
     with pytest.raises(RuntimeError, match="time_budget_s=1e-06"):
         train_sasrec(syn, SASRecConfig(time_budget_s=1e-6), progress=False)
-    # the first validation (all users, big model) cannot end within 50 ms of starting training
-    with pytest.raises(RuntimeError, match="time_budget_s=0.05 s is too small to finish one validation"):
-        train_sasrec(syn, SASRecConfig(time_budget_s=0.05, eval_every_s=0.01, hidden=256), progress=False)
+    # the first validation starts at >= 0.499 s and cannot end within the 0.5 s budget
+    with pytest.raises(RuntimeError, match="time_budget_s=0.5 s is too small to finish one validation"):
+        train_sasrec(syn, SASRecConfig(time_budget_s=0.5, eval_every_s=0.499), progress=False)
 
 
 # ---- CLI --------------------------------------------------------------------------------------
