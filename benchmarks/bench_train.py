@@ -43,6 +43,8 @@ def main(argv=None):
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--buckets", type=int, nargs="+", default=[64], help="length_buckets settings to compare")
     p.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    p.add_argument("--rqvae-epochs", type=int, default=0,
+                   help="also time this many RQ-VAE epochs per precision (12,101 x 384 unit vectors, batch 1024)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -98,6 +100,8 @@ def main(argv=None):
                "paper_schedule_hours": 200_000 * 256 / (sps * a.batch_size) / 3600}
         out["runs"].append(run)
         print(json.dumps(run), flush=True)
+    if a.rqvae_epochs:
+        out["rqvae_runs"] = rqvae_runs(a.precisions, a.rqvae_epochs, a.repeat)
     out["loadavg_end"] = os.getloadavg()
     first = out["runs"][0]["steps_per_s"]
     out["speedup_vs_first"] = [r["steps_per_s"] / first for r in out["runs"]]
@@ -107,6 +111,33 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2)
+
+
+def rqvae_runs(precisions, epochs: int, repeat: int) -> list[dict]:
+    """RQ-VAE (paper architecture 384 -> 512/256/128 -> 32, 3 x 256 codes) epochs/s per precision,
+    alternated over ``repeat`` rounds, and the final reconstruction loss / code usage (same seed,
+    same batches)."""
+    from tiger_fast.rqvae import RQVAEConfig, RQVAETrainConfig, train_rqvae
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(12_101, 384, generator=g), dim=1)
+    times = {pr: [] for pr in precisions}
+    last = {}
+    for _ in range(repeat):
+        for pr in precisions:
+            t0 = time.perf_counter()
+            _, hist = train_rqvae(x, RQVAEConfig(input_dim=384), RQVAETrainConfig(epochs=epochs, precision=pr),
+                                  progress=False)
+            times[pr].append(time.perf_counter() - t0)
+            last[pr] = hist[-1]
+    runs = []
+    for pr in precisions:
+        dt = statistics.median(times[pr])
+        runs.append({"precision": pr, "epochs": epochs, "seconds": times[pr], "epochs_per_s": epochs / dt,
+                     "final_recon_loss": last[pr]["recon_loss"], "final_loss": last[pr]["loss"],
+                     "final_usage": last[pr].get("final_usage")})
+        print(json.dumps(runs[-1]), flush=True)
+    return runs
 
 
 if __name__ == "__main__":

@@ -227,3 +227,77 @@ def test_bad_calls(tmp_path):
                         ex, config=_cfg(max_steps=6, checkpoint_dir=str(tmp_path)), progress=False)
 
 
+
+
+# ---- schedules sized to a budget, validation, early stopping, precision ---------------------------
+def test_cosine_schedule_shape():
+    cfg = _cfg(schedule="cosine", lr=0.01, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.001) and lrs[9] == pytest.approx(0.01)  # linear warm-up from lr / warmup
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:]))  # strictly decreasing after the warm-up
+    assert lrs[-1] == pytest.approx(0.001, rel=0.01)  # ends at min_lr_ratio * lr
+    assert lr_at(60, cfg) == pytest.approx(0.001 + 0.009 * 0.5)  # half-way: the cosine's midpoint
+    assert lr_at(60, cfg, total_steps=210) > lr_at(60, cfg)  # a longer plan decays more slowly
+
+
+@pytest.mark.parametrize("bad", [dict(schedule="linear"), dict(total_steps=0), dict(patience=0),
+                                 dict(label_smoothing=1.0), dict(min_lr_ratio=-0.1), dict(eval_every_s=0),
+                                 dict(eval_every_s=True), dict(precision="fp16")],
+                         ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+def test_bad_schedule_config(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        _cfg(**bad)
+
+
+def test_time_budget_plans_cosine_and_validates_at_the_end():
+    """Under a time budget the cosine decay is planned from the measured rate, the run stops within
+    the budget, and the last steps are validated (never silently thrown away)."""
+    ex = _task()
+    m = _model()
+    metric = lambda mm: {"ndcg@10": float(mm.shared.weight[5, 0])}
+    cfg = _cfg(schedule="cosine", max_steps=10 ** 6, warmup_steps=5, time_budget_s=3.0, eval_every=10 ** 6,
+               eval_every_s=1.0)
+    h = train_retriever(m, ex, config=cfg, eval_fn=metric, progress=False)
+    assert h["stopped"] in ("time_budget", "schedule_end")
+    assert h["planned_steps"] is not None and h["planned_steps"] > cfg.warmup_steps
+    assert h["evals"][-1]["step"] == h["final_step"]  # the final state was validated
+    assert all(e["wall_s"] <= h["wall_s"] + 1e-6 for e in h["evals"])
+    assert [e["wall_s"] for e in h["evals"]] == sorted(e["wall_s"] for e in h["evals"])
+    assert h["wall_s"] < 3.0 + 2.0  # stops at the budget (plus the final validation)
+
+
+def test_early_stopping_on_plateau_keeps_the_best():
+    ex = _task()
+    m = _model()
+    vals = iter([0.1, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05] + [0.0] * 100)
+    cfg = _cfg(max_steps=1000, eval_every=5, patience=3)
+    h = train_retriever(m, ex, config=cfg, eval_fn=lambda mm: {"ndcg@10": next(vals)}, progress=False)
+    assert h["stopped"] == "early_stopping"
+    assert h["best_step"] == 10 and h["best_value"] == 0.5
+    assert h["final_step"] == 25  # three validations (15, 20, 25) without a new best
+
+
+def test_bf16_resume_is_exact_and_close_to_fp32(tmp_path):
+    """bf16 autocast trains the same objective: resume reproduces the bf16 run bit for bit, and
+    after the same steps on the same batches its loss is close to fp32's (bf16 products round
+    to 8 mantissa bits, so the trajectories differ by a little, not bit for bit)."""
+    ex = _task()
+    fp = train_retriever(_model(), ex, config=_cfg(max_steps=40), progress=False)
+    full = _model()
+    hb = train_retriever(full, ex, config=_cfg(max_steps=40, precision="bf16"), progress=False)
+    assert abs(hb["loss"][-1][1] - fp["loss"][-1][1]) < 0.1 * fp["loss"][-1][1]
+    part_cfg = _cfg(max_steps=20, precision="bf16", checkpoint_dir=str(tmp_path), checkpoint_every=10)
+    train_retriever(_model(), ex, config=part_cfg, progress=False)
+    resumed = _model(seed=7)
+    train_retriever(resumed, ex, config=_cfg(max_steps=40, precision="bf16", checkpoint_dir=str(tmp_path),
+                                            checkpoint_every=10), progress=False)
+    assert _same_weights(full, resumed)
+    with pytest.raises(ValueError, match="precision"):  # a bf16 checkpoint is not continued in fp32
+        train_retriever(_model(), ex, config=_cfg(max_steps=60, checkpoint_dir=str(tmp_path)), progress=False)
+
+
+def test_label_smoothing_changes_the_loss_not_the_data():
+    ex = _task()
+    a = train_retriever(_model(), ex, config=_cfg(max_steps=10), progress=False)
+    b = train_retriever(_model(), ex, config=_cfg(max_steps=10, label_smoothing=0.2), progress=False)
+    assert b["loss"][-1][1] > a["loss"][-1][1]  # smoothed targets: higher cross-entropy on the same batches

@@ -100,6 +100,8 @@ class RQVAETrainConfig:
     last batch (the collapse guard); ``reset_until`` stops resets for the last epochs (fraction
     of epochs) so the final codebooks settle.
     device: "cpu", "cuda", "cuda:1", ... or "auto" (cuda when available).
+    precision: "fp32" or "bf16" (autocast around the encoder/decoder MLPs; the nearest-codeword
+    search, residuals and losses stay fp32; the final codes always come from the exact quantizer).
     """
     epochs: int = 50
     batch_size: int = 1024
@@ -112,6 +114,7 @@ class RQVAETrainConfig:
     dead_code_reset: bool = True
     reset_until: float = 0.9
     device: str = "cpu"
+    precision: str = "fp32"
 
     def __post_init__(self):
         if int(self.epochs) < 0:
@@ -120,6 +123,8 @@ class RQVAETrainConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.optimizer not in ("adagrad", "adam"):
             raise ValueError(f"optimizer must be 'adagrad' or 'adam', got {self.optimizer!r}")
         if int(self.kmeans_sample) < 1 or int(self.kmeans_iters) < 0:
@@ -295,24 +300,26 @@ class RQVAE(nn.Module):
         Training-time assignment is a plain torch argmin (fast, differentiable path); final codes
         come from ``semantic_codes`` (exact).
         """
-        z = self.encoder(x)
-        r = z
-        z_hat = torch.zeros_like(z)
-        rq_loss = z.new_zeros(())
-        codes, residuals = [], []
-        for cb in self.codebook:
-            with torch.no_grad():
-                c = _sq_dists(r.detach(), cb.detach()).argmin(1)
-            e = cb[c]
-            rq_loss = rq_loss + (r.detach() - e).pow(2).sum(1).mean() \
-                + self.cfg.beta * (r - e.detach()).pow(2).sum(1).mean()
-            codes.append(c)
-            residuals.append(r.detach())
-            z_hat = z_hat + e.detach()
-            r = r - e.detach()
-        zq = z + (z_hat - z).detach()  # straight-through: forward = z_hat, gradient -> encoder
+        z = self.encoder(x).float()  # a no-op in fp32; under bf16 autocast the MLPs run in bf16
+        # nearest codewords, residuals and the rq loss always in fp32 (also under autocast)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            r = z
+            z_hat = torch.zeros_like(z)
+            rq_loss = z.new_zeros(())
+            codes, residuals = [], []
+            for cb in self.codebook:
+                with torch.no_grad():
+                    c = _sq_dists(r.detach(), cb.detach()).argmin(1)
+                e = cb[c]
+                rq_loss = rq_loss + (r.detach() - e).pow(2).sum(1).mean() \
+                    + self.cfg.beta * (r - e.detach()).pow(2).sum(1).mean()
+                codes.append(c)
+                residuals.append(r.detach())
+                z_hat = z_hat + e.detach()
+                r = r - e.detach()
+            zq = z + (z_hat - z).detach()  # straight-through: forward = z_hat, gradient -> encoder
         x_hat = self.decoder(zq)
-        recon = (x_hat - x).pow(2).sum(1).mean()
+        recon = (x_hat.float() - x).pow(2).sum(1).mean()
         return {"loss": recon + rq_loss, "recon_loss": recon, "rq_loss": rq_loss,
                 "codes": torch.stack(codes, 1), "residuals": residuals, "x_hat": x_hat}
 
@@ -414,6 +421,7 @@ def train_rqvae(embeddings, cfg: RQVAEConfig | None = None, train_cfg: RQVAETrai
         from tqdm.auto import tqdm
         bar = tqdm(total=int(train_cfg.epochs), desc="rqvae" if world is None else "rqvae (ddp)", unit="epoch")
     reset_stop = int(math.floor(train_cfg.reset_until * train_cfg.epochs))
+    bf16 = train_cfg.precision == "bf16"  # autocast: fp32 master weights, codes and losses in fp32
     L = model.num_levels
     model.train()
     for epoch in range(int(train_cfg.epochs)):
@@ -427,7 +435,8 @@ def train_rqvae(embeddings, cfg: RQVAEConfig | None = None, train_cfg: RQVAETrai
             part = rows if world is None else torch.tensor_split(rows, ws)[rank]  # this rank's slice
             m = int(part.numel())
             xb = x[part] if m else x[rows[:1]]  # an empty slice: a stand-in row with weight 0
-            out = step_model(xb)
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
+                out = step_model(xb)
             loss = out["loss"]
             if world is not None:  # DDP averages over ranks -> the global batch's gradient
                 loss = loss * (ws * m / rows.numel())
