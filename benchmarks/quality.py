@@ -105,8 +105,14 @@ def main(argv=None):
     from tiger_fast.ids import IdTable, semantic_id_report
     from tiger_fast.pipeline import build_semantic_ids, leaf_categories_by_row, recipe, train_tiger
 
+    if a.budget_min * 60 - a.eval_reserve_min * 60 < 120:
+        raise SystemExit(f"--budget-min {a.budget_min:g} leaves under 2 minutes after the {a.eval_reserve_min:g} min "
+                         "evaluation reserve: too short to build IDs, train and validate once; raise it")
     overrides = _parse_set(a.set)
-    cfg = recipe(a.preset, seed=a.seed, cache_dir=a.cache_dir, **overrides)
+    try:
+        cfg = recipe(a.preset, seed=a.seed, cache_dir=a.cache_dir, **overrides)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--preset/--set: {e}") from None
     out: dict = {"benchmark": "quality", "data": a.data, "preset": a.preset, "overrides": overrides,
                  "budget_min": a.budget_min, "threads_per_model": a.threads, "split": a.split,
                  "loadavg_start": os.getloadavg()}

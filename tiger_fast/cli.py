@@ -429,7 +429,6 @@ def cmd_train(a):
     # Under torchrun (WORLD_SIZE > 1) this joins the process group (gloo on CPU, NCCL on GPU) and
     # train_retriever shards every global batch across ranks; otherwise it is a no-op.
     rank, _, device = init_distributed()
-    ds, table = _load_data_and_ids(a)
     # the preset's recipe, then every flag given explicitly
     given = {"steps": a.steps, "time_budget_s": a.time_budget, "batch_size": a.batch_size, "lr": a.lr,
              "warmup_steps": a.warmup, "eval_every": a.eval_every, "eval_users": a.eval_users,
@@ -448,6 +447,7 @@ def cmd_train(a):
     if cfg.time_budget_s is not None and cfg.eval_users and cfg.time_budget_s < 30:
         raise CliError(f"--time-budget {cfg.time_budget_s:g} s is too short to train and run one validation; "
                        "give at least 30 s (or --eval-users 0 to train without validation)")
+    ds, table = _load_data_and_ids(a)
     model, hist = train_tiger(ds, table, cfg, checkpoint_dir=os.path.join(a.out, "checkpoints"),
                               progress=not a.quiet and rank == 0)
     if rank != 0:
