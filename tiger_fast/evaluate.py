@@ -24,7 +24,6 @@ are always computed on internal indices.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
