@@ -1,4 +1,4 @@
-"""Residual quantization throughput, side by side in one run (DESIGN §4).
+"""Residual quantization throughput, side by side in one run (docs/contracts.md).
 
     python benchmarks/bench_quantize.py --n 1000000 --json out/bench_quantize.json
 

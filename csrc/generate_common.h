@@ -2,7 +2,7 @@
 // and csrc/generate_cuda.cu (nvcc).  No torch headers anywhere: the CUDA entry points take raw
 // device pointers, sizes and a cudaStream_t passed as an integer.
 //
-// Semantics (INTERFACES.md "Decoding", DESIGN §4; reference: tiger_fast/reference/generate.py):
+// Semantics (docs/contracts.md, "Beam search" and "Sampling"; reference: tiger_fast/reference/generate.py):
 //   candidates of row r: (b, t) with beam_nodes[r, b] >= 0 and children[node, t] >= 0;
 //   beam search:  key = beam_scores[r, b] + logprobs[r, b, t]   (one float32 add)
 //   sampling:     key = Kool's truncated-Gumbel perturbed key (float64), see kool_child_key below;

@@ -3,7 +3,7 @@
 // Philox4x32-10 (csrc/philox.h).
 //
 // The specification is tiger_fast/reference/generate.py (beam_select_step, sample_select_step);
-// INTERFACES.md "Decoding" and DESIGN §4 give the contract.  Everything Python passes is checked
+// docs/contracts.md ("Beam search", "Sampling") gives the contract.  Everything Python passes is checked
 // here (shapes, dtypes, contiguity, every node id read from beam_nodes against the children table)
 // and a violation raises ValueError/TypeError naming the argument: nothing may crash the process.
 #include <pybind11/numpy.h>

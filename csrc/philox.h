@@ -5,7 +5,7 @@
 // __host__ __device__, so the CPU extension and the CUDA kernels produce the same uint32 stream.
 // Known-answer vectors (Random123 tests/kat_vectors) are checked in tests/test_generate_ext.py.
 //
-// tiger_fast's use (docs in tiger_fast/philox.py, INTERFACES "Decoding"):
+// tiger_fast's use (docs in tiger_fast/philox.py and docs/contracts.md, "Sampling"):
 //   key     = (seed & 0xffffffff, seed >> 32)
 //   counter = (e, step, row_key & 0xffffffff, row_key >> 32),  e = b * S_l + t
 //   u       = (x0 + 0.5) * 2^-32   (float64, exact: x0 < 2^32 needs 33 bits of mantissa)

@@ -1,4 +1,4 @@
-// Fused float32 screen for exact residual quantization (DESIGN §4), module tiger_fast._quantize_ext.
+// Fused float32 screen for exact residual quantization (docs/contracts.md), module tiger_fast._quantize_ext.
 //
 // For a tile of RB rows and every level, the screen computes s(c) ~ ||c||^2 - 2 r.c in float32
 // for all codewords, as one (D+1)-term FMA chain started from ||c||^2 over -2c (register-blocked
@@ -474,7 +474,7 @@ py::tuple quantize_screen(py::array latents, py::array codebooks, py::array offs
 }  // namespace
 
 PYBIND11_MODULE(_quantize_ext, m) {
-  m.doc() = "tiger_fast C++ residual quantization: fused float32 screen with certified flags (DESIGN §4)";
+  m.doc() = "tiger_fast C++ residual quantization: fused float32 screen with certified flags (docs/contracts.md)";
   m.def("quantize_screen", &quantize_screen, py::arg("latents"), py::arg("codebooks"), py::arg("offsets"),
         py::arg("index_map"), py::arg("num_threads") = -1,
         R"doc(Screen all levels in float32 and flag rows the screen cannot certify.

@@ -1,4 +1,4 @@
-"""Exact residual quantization with a Triton kernel (DESIGN §4 "Residual quantization").
+"""Exact residual quantization with a Triton kernel (docs/contracts.md, "Quantization").
 
 Public API (installed as ``tiger_fast.kernels.quantize``; from a source checkout also importable
 as ``kernels.quantize`` with the repository root on ``sys.path``):
@@ -451,7 +451,7 @@ def _validate_latents(latents) -> torch.Tensor:
 def quantize_triton(latents: torch.Tensor, codebooks, *, precision: str = "fp32",
                     stats: Optional[dict] = None, block_m: Optional[int] = None,
                     block_k: Optional[int] = None, num_warps: Optional[int] = None):
-    """Exact residual quantization (DESIGN §4) with the Triton kernel.
+    """Exact residual quantization (docs/contracts.md) with the Triton kernel.
 
     latents: float (N, D) on a CUDA device, or on the CPU under TRITON_INTERPRET=1 (float16,
     bfloat16 and float64 are converted to float32 first).  codebooks: float (L, K, D) tensor, a

@@ -98,7 +98,7 @@ def brute_force(lm, codes, R, use_eos):
 
 
 def py_beam_search(lm, trie, R, B, use_eos):
-    """Plain-Python statement of the contract (DESIGN §4): keep the B best valid prefixes by float32
+    """Plain-Python statement of the contract (docs/contracts.md): keep the B best valid prefixes by float32
     running score, ties by (parent beam, token); then eos re-rank, ties by beam index."""
     results = []
     for r in range(R):

@@ -2,7 +2,7 @@
 
 Runs on a GPU when there is one, else on CPU tensors through the Triton interpreter
 (tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported).  Codes and residuals are
-compared with torch.equal: the contract (DESIGN §4) is bit-identical results.
+compared with torch.equal: the contract (docs/contracts.md) is bit-identical results.
 CI cost: ~25 s on 2 CPU cores (interpreter tests ~15 s, the sm_90 compile check ~6 s).
 """
 import importlib

@@ -1,4 +1,4 @@
-"""Streaming semantic-ID assignment for catalogues larger than memory (DESIGN §2, issue 4).
+"""Streaming semantic-ID assignment for catalogues larger than memory (docs/contracts.md, "What is atomic").
 
 ``assign_ids(model, source, output)`` reads item embeddings from a ``.npy`` file (memory-mapped)
 or a Parquet file (a list / fixed-size-list float column, read row group by row group), runs the

@@ -1,4 +1,4 @@
-"""Offline evaluation of a TIGER retriever (TIGER §4.1, DESIGN §1.6–1.8).
+"""Offline evaluation of a TIGER retriever (TIGER §4.1; docs/contracts.md, "Metrics").
 
 Protocol (leave-one-out, the TIGER/SASRec/P5 convention):
 
@@ -392,7 +392,7 @@ def unconstrained_beam_search(model, input_ids, attention_mask, layout, num_beam
 
     model: tiger_fast.t5.T5 or HF T5ForConditionalGeneration on ``layout``; input_ids int64 (R, S),
     attention_mask bool (R, S) on the model's device.
-    Scores follow the trie search's conventions (DESIGN §4): log_softmax over the full vocabulary,
+    Scores follow the trie search's conventions (docs/contracts.md): log_softmax over the full vocabulary,
     the level's block sliced out (not renormalised), float32 running sums, top ``num_beams`` by score
     with ties to the smaller flat index (parent beam * S_l + code); with ``use_eos`` a final step
     adds log p(eos | ID) and re-sorts (ties by beam index).

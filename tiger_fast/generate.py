@@ -12,7 +12,7 @@ KV cache (beams batched as R * num_beams rows; the cross-attention K/V stay one 
 and ``T5.select_beams`` moves beams within their request), each: full-vocabulary float32 log_softmax -> the
 level's block -> selection step (``backend``); then, with the T5 end-token convention (``eos=True``,
 the default, matching targets that end with eos), one more decoder step adds log p(eos | ID) and
-re-ranks (DESIGN §4).  For a Hugging Face ``T5ForConditionalGeneration`` on the same layout the
+re-ranks (docs/contracts.md).  For a Hugging Face ``T5ForConditionalGeneration`` on the same layout the
 returned IDs and order equal HF ``generate(num_beams=num_beams, num_return_sequences=k,
 prefix_allowed_tokens_fn=<trie>, length_penalty=0.0, early_stopping=True,
 max_new_tokens=num_levels + 1)`` (``max_new_tokens=num_levels`` and ``eos=False`` without the end

@@ -1,4 +1,4 @@
-"""Ranking and semantic-ID metrics for TIGER evaluation (DESIGN §1.8).
+"""Ranking and semantic-ID metrics for TIGER evaluation (docs/contracts.md, "Metrics").
 
 Conventions shared by every function here:
 
@@ -147,7 +147,7 @@ def _category_codes(item_categories) -> torch.Tensor:
     index: dict = {}
     out = np.empty(len(item_categories), dtype=np.int64)
     for i, c in enumerate(item_categories):
-        if isinstance(c, list):  # a category path: the leaf is the category (DESIGN §1.8)
+        if isinstance(c, list):  # a category path: the leaf is the category (docs/contracts.md, "Metrics")
             c = c[-1] if c else None
         try:
             out[i] = index.setdefault(c, len(index))

@@ -9,7 +9,7 @@ Torch has no usable uint32 arithmetic, so the words are held in int64 tensors wi
 [0, 2^32).  The one operation that needs more than 64 bits, the 32x32 -> 64-bit product of a round,
 is split into two 32x16-bit products (each < 2^48), see ``_mulhilo``.
 
-tiger_fast's use (INTERFACES "Decoding", DESIGN §4 "Per-level temperature sampling"):
+tiger_fast's use (docs/contracts.md, "Sampling"):
     key     = (seed & 0xffffffff, seed >> 32)                  seed: int in [0, 2^64)
     counter = (e, step, row_key & 0xffffffff, (row_key >> 32) & 0xffffffff)
               e = b * S_l + t (beam slot b, code t of level l), step = level l,

@@ -1,4 +1,4 @@
-"""Residual quantization, exact (DESIGN §4), dispatching to the reference, C++ or Triton backend.
+"""Residual quantization, exact (docs/contracts.md), dispatching to the reference, C++ or Triton backend.
 
     codes = quantize(latents, codebooks)                       # int64 (N, L)
     codes, residual = quantize(latents, codebooks, return_residuals=True)
@@ -219,7 +219,7 @@ def _quantize_cpu(x: torch.Tensor, cbs: list, num_threads: int | None = None, st
 
 # ------------------------------------------------------------------------------------- public
 def quantize(latents, codebooks, *, backend: str = "auto", return_residuals: bool = False):
-    """Exact residual quantization (DESIGN §4).
+    """Exact residual quantization (docs/contracts.md).
 
     latents: float (N, D) torch tensor or numpy array; float16/bfloat16/float64 are converted to
         float32 first (integer dtypes are rejected).  N = 0 is allowed.

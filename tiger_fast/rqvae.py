@@ -1,4 +1,4 @@
-"""RQ-VAE: item content embeddings -> semantic codes (TIGER §3.1, DESIGN §1.2).
+"""RQ-VAE: item content embeddings -> semantic codes (TIGER §3.1).
 
 Model.  A DNN encoder (``input_dim -> 512 -> 256 -> 128 -> 32``, ReLU between layers) maps an
 item embedding to a latent ``z``; a residual quantizer with ``L`` codebooks (default 3 x 256 x 32)

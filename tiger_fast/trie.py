@@ -1,6 +1,6 @@
 """Trie of valid semantic IDs with dense per-level child tables, for constrained decoding.
 
-Layout (INTERFACES "Decoding"; the C++/CUDA selection kernels read exactly these tables):
+Layout (docs/contracts.md, "Beam search"; the C++/CUDA selection kernels read exactly these tables):
 
     children[l]   int32 (n_nodes_l, S_l), S_l = level_sizes[l]
                   entry [n, t] = id of the child node at depth l+1 reached from node n (depth l)

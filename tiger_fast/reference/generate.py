@@ -34,14 +34,14 @@ R rows, B_in beams in, B_out beams out, S = S_l codes of level l):
         log_softmax), valid bool (R, B)
       -> order int64 (R, B) (beam index per output slot), new_scores float32 (R, B) in that order
 
-Differences from the coordination notes (INTERFACES.md "Decoding"): the sampling step's
+Refinements of the plain contract (docs/contracts.md, "Sampling"): the sampling step's
 ``tempered`` input is renormalised over each beam's valid codes before the step (the kernels are
 unchanged: they add what they are given), because Kool's conditioning on masked-but-not-renormalised
 log-probs skews every draw after the first (measured: ~30 % off on the second draw); the sampling
 step takes (seed, step, row_keys) and draws the Philox noise itself (``gumbel=`` overrides);
 ``eos_rerank`` is the shared end-token step.
 
-Deterministic selection (DESIGN §4): candidates are (b, t) with beam_nodes[b] >= 0 and
+Deterministic selection (docs/contracts.md): candidates are (b, t) with beam_nodes[b] >= 0 and
 children[node, t] >= 0; score = beam_scores[b] + logprobs[b, t], ONE float32 add; the best B_out by
 score descending, ties by flat index b * S + t ascending.  A valid candidate whose score is -inf is
 still a valid ID (ranked after all finite ones); a masked candidate is never produced.  NaN scores

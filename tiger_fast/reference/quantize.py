@@ -1,6 +1,6 @@
 """Reference residual quantization: the specification every fast backend must match exactly.
 
-Contract (DESIGN §4 "Residual quantization"), for float32 latents x (N, D) and float32 codebooks
+Contract (docs/contracts.md, "Quantization"), for float32 latents x (N, D) and float32 codebooks
 C_l (K_l, D), l = 0..L-1:
 
     r_0 = x
@@ -329,7 +329,7 @@ def quantize_levels(residual: torch.Tensor, codebooks: Sequence[torch.Tensor]):
 
 
 def residual_quantize(latents: torch.Tensor, codebooks) -> tuple:
-    """Reference residual quantization (DESIGN §4).
+    """Reference residual quantization (docs/contracts.md).
 
     latents: float32 (N, D); codebooks: float32 (L, K, D) tensor or list of L float32 (K_l, D).
     Returns (codes int64 (N, L), residual float32 (N, D)) where residual is r_L.
