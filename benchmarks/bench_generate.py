@@ -380,17 +380,20 @@ def end_to_end(args, layout, table, trie) -> dict:
                     contenders[name] = (lambda tr=tr: _rows_to_items(
                         ct2_generate(tr, layout, table, ids, mask, args.beams, args.k), table))
             lat = {n: [] for n in contenders}
+            cpu = {n: [] for n in contenders}  # process CPU seconds (all threads): robust to preemption
             out = {}
             for i in range(reps + 1):  # repetition 0 = warm-up
                 for name, fn in contenders.items():
                     if i > 0 and name in ("hf_generate", "reference") and batch > 8 and i > max(1, reps // 2):
                         continue  # the slow baselines: half the repetitions at large batch
-                    t0 = time.perf_counter()
+                    c0, t0 = time.process_time(), time.perf_counter()
                     out[name] = fn()
                     if i > 0:
                         lat[name].append(time.perf_counter() - t0)
+                        cpu[name].append(time.process_time() - c0)
             run = {"batch": batch, "temperature": tname, "loadavg_after": list(os.getloadavg()),
-                   "backends": {n: {**_percentiles(v), "requests_per_s": batch * len(v) / sum(v)}
+                   "backends": {n: {**_percentiles(v), "requests_per_s": batch * len(v) / sum(v),
+                                    "cpu_ms_per_call": 1e3 * float(np.mean(cpu[n]))}
                                 for n, v in lat.items()}}
             base = out.get("cpu")
             if base is not None and "reference" in out:
@@ -424,7 +427,8 @@ def _rows_to_items(rows: torch.Tensor, table) -> torch.Tensor:
 
 def _ratios(b: dict) -> dict:
     """The issue's comparisons.  *_requests_per_s: ours / the other's requests/s (> 1: ours is
-    faster); *_p50: ours / the other's p50 latency (< 1: ours is faster).  "fastest" is our mode
+    faster); *_p50: ours / the other's p50 latency (< 1: ours is faster); *_cpu_time: ours / the
+    other's process CPU time per call (< 1: ours does less work; robust on a loaded machine).  "fastest" is our mode
     with the most requests/s in this run."""
     ours = [n for n in ("cpu", "cpu_bf16", "cpu_int8") if n in b]
     if not ours:
@@ -437,6 +441,7 @@ def _ratios(b: dict) -> dict:
         if mine in b and other in b:
             out[key + "_requests_per_s"] = b[mine]["requests_per_s"] / b[other]["requests_per_s"]
             out[key + "_p50"] = b[mine]["p50_ms"] / b[other]["p50_ms"]
+            out[key + "_cpu_time"] = b[mine]["cpu_ms_per_call"] / b[other]["cpu_ms_per_call"]
     return out
 
 

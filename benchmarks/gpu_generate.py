@@ -13,7 +13,9 @@ On a CUDA device:
      4 selections + eos re-rank, batch 256, beam 20) eager and captured in one CUDA graph (when the
      model's decode_step / select_beams make no host synchronisation; otherwise the capture error
      is reported and the eager number kept); then tiger_fast.generate(backend="cuda" and "cpu"),
-     batch 256 and 1, beam 20, temperature None / per-level: latency p50/p99, requests/s.
+     batch 256 and 1, beam 20, temperature None / per-level, in each --precisions mode (fp32 exact,
+     bf16 on tensor cores; int8 is CPU-only): latency p50/p99, requests/s, bf16's identical-list
+     share vs fp32.
 
     python benchmarks/gpu_generate.py --json results/gpu_generate.json
     python benchmarks/gpu_generate.py --dry-run        # no GPU: builds inputs, runs the CPU step
@@ -42,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_generate import make_catalogue  # noqa: E402
 from tiger_fast.layout import TokenLayout  # noqa: E402
+from tiger_fast.precision import int8_unavailable_reason  # noqa: E402
 
 ANCHOR_MS_PER_STEP = 0.033  # arXiv 2602.22647: per-step constraint + selection overhead
 
@@ -212,7 +215,9 @@ def per_step_overhead(ext, steps, trie, layout, device, R=256, B=20, reps=200) -
     return out
 
 
-def end_to_end(layout, table, trie, device, batches, reps) -> dict:
+def end_to_end(layout, table, trie, device, batches, reps, precisions=("fp32",)) -> dict:
+    """generate() per backend and precision mode (names: backend, backend_bf16, ...); bf16 = tensor
+    cores under autocast; int8 is CPU-only and is recorded as the error generate() raises."""
     from tiger_fast.generate import generate
     from tiger_fast.t5 import T5, paper_config
 
@@ -224,24 +229,32 @@ def end_to_end(layout, table, trie, device, batches, reps) -> dict:
         hist = [rng.choice(item_ids, 20, replace=False) for _ in range(batch)]
         users = rng.integers(0, 1_000_000, batch).tolist()
         for tname, T in (("beam", None), ("per_level", (2.0, 1.5, 1.0, 0.5))):
-            for backend in ("cuda", "cpu"):
+            ids_of = {}
+            for backend, prec in [(b, p) for p in precisions for b in ("cuda", "cpu")]:
+                name = backend if prec == "fp32" else f"{backend}_{prec}"
                 lat = []
                 try:
                     for i in range(reps + 2):
                         torch.cuda.synchronize()
                         t0 = time.perf_counter()
                         r = generate(model, hist, table, user_ids=users, k=10, num_beams=20, temperature=T,
-                                     seed=3, backend=backend, trie=trie)
+                                     seed=3, backend=backend, trie=trie, precision=prec)
                         torch.cuda.synchronize()
                         if i >= 2:
                             lat.append(time.perf_counter() - t0)
                     a = np.asarray(lat) * 1e3
-                    out["runs"].append({"batch": batch, "temperature": tname, "backend": backend,
-                                        "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
-                                        "requests_per_s": batch * len(lat) / sum(lat)})
+                    ids_of[name] = r.item_ids
+                    run = {"batch": batch, "temperature": tname, "backend": backend, "precision": prec, "name": name,
+                           "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+                           "requests_per_s": batch * len(lat) / sum(lat)}
+                    if prec != "fp32" and backend in ids_of:  # vs the exact mode of the same backend
+                        run["identical_lists_vs_fp32"] = float((r.item_ids == ids_of[backend]).all(1).float().mean())
+                    elif prec == "fp32" and backend == "cpu" and "cuda" in ids_of:
+                        run["cpu_equals_cuda_ids"] = bool(torch.equal(r.item_ids, ids_of["cuda"]))
+                    out["runs"].append(run)
                 except Exception as e:
-                    out["runs"].append({"batch": batch, "temperature": tname, "backend": backend,
-                                        "error": f"{type(e).__name__}: {e}"})
+                    out["runs"].append({"batch": batch, "temperature": tname, "backend": backend, "precision": prec,
+                                        "name": name, "error": f"{type(e).__name__}: {e}"})
                 print(json.dumps(out["runs"][-1]), flush=True)
     return out
 
@@ -329,7 +342,8 @@ def dry_run(ext, trie, layout) -> dict:
     return {"cpu_step_4_levels_ms": dt * 1e3, "valid_items_found": int((nodes >= 0).sum()),
             "cuda_built": bool(ext.cuda_built()), "cuda_available": bool(ext.cuda_available()),
             "cuda_unavailable_reason": ext.cuda_unavailable_reason(),
-            "workspace_bytes_256x20x256": int(ext.cuda_workspace_bytes(256, 20, 256))}
+            "workspace_bytes_256x20x256": int(ext.cuda_workspace_bytes(256, 20, 256)),
+            "int8_on_gpu": int8_unavailable_reason(torch.device("cuda"))}
 
 
 def main(argv=None):
@@ -339,6 +353,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=10, help="end-to-end repetitions")
     p.add_argument("--batches", type=int, nargs="+", default=[256, 1])
     p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "int8"],
+                   help="generate() precision modes end to end (int8 is CPU-only: recorded as an error)")
     args = p.parse_args(argv)
     from tiger_fast import _generate_ext as ext
 
@@ -365,7 +381,7 @@ def main(argv=None):
             except Exception as e:
                 out["whole_decode"] = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
             print(json.dumps(out["whole_decode"]), flush=True)
-            out["end_to_end"] = end_to_end(layout, table, trie, device, args.batches, args.reps)
+            out["end_to_end"] = end_to_end(layout, table, trie, device, args.batches, args.reps, args.precisions)
     print(json.dumps(out, indent=2, default=float))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
