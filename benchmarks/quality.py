@@ -94,6 +94,8 @@ def main(argv=None):
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/tiger_fast/embeddings"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default=None, help="PNG of the learning curves")
+    p.add_argument("--per-user", default=None, metavar="NPZ",
+                   help="save TIGER's per-user Recall@10 / NDCG@10 (for paired comparisons, benchmarks/ablations.py)")
     p.add_argument("--json", required=True)
     a = p.parse_args(argv)
     t_start = time.perf_counter()
@@ -185,8 +187,13 @@ def main(argv=None):
         save_t5(model, table.layout, a.save_model)
 
     t = time.perf_counter()
-    res = evaluate_retriever(model, ds, table, split=a.split, k=10, seed=a.seed)
+    res = evaluate_retriever(model, ds, table, split=a.split, k=10, seed=a.seed, return_rankings=True)
     out["tiger"] = {**_metrics(res), "eval_s": time.perf_counter() - t}
+    if a.per_user:  # per-user hits, for paired comparisons between runs on the same split
+        from tiger_fast.metrics import ndcg_at_k, recall_at_k
+        np.savez_compressed(a.per_user, users=res["users"].numpy(),
+                            recall10=recall_at_k(res["rankings"], res["targets"], 10, reduction="none").numpy(),
+                            ndcg10=ndcg_at_k(res["rankings"], res["targets"], 10, reduction="none").numpy())
     out["popularity"] = _metrics(evaluate_popularity(ds, split=a.split))
     say(f"TIGER {a.split}: {out['tiger']}\npopularity: {out['popularity']}")
     save()

@@ -79,7 +79,8 @@ from .ids import IdRowGroupWriter, id_file_schema
 from .layout import TokenLayout
 from .rqvae import ENCODE_BLOCK, RQVAE, load_rqvae
 
-__all__ = ["assign_ids", "EmbeddingSource", "ParquetSource", "open_source", "file_fingerprint"]
+__all__ = ["assign_ids", "EmbeddingSource", "ParquetSource", "open_source", "file_fingerprint",
+           "check_block_multiple"]
 
 _MANIFEST_FORMAT = "tiger_fast.assign/1"
 _LOCK = "lock"  # work_dir/lock: fcntl lock held by every run using the work dir
@@ -313,6 +314,17 @@ class _Plan:
 # ---------------------------------------------------------------------------------------------
 # main entry point
 # ---------------------------------------------------------------------------------------------
+def check_block_multiple(rows, encode_block, name: str) -> tuple[int, int]:
+    """``rows`` (``name``: chunk_size, batch_rows) must be a positive multiple of ``encode_block``:
+    the encoder then always runs on the same blocks of rows, so its float32 output does not depend
+    on how rows are grouped.  Returns ``(int(rows), int(encode_block))``; ValueError otherwise."""
+    rows, encode_block = int(rows), int(encode_block)
+    if encode_block < 1 or rows < encode_block or rows % encode_block:
+        raise ValueError(f"{name} ({rows}) must be a positive multiple of encode_block ({encode_block}); "
+                         "that keeps the encoder's output independent of how rows are grouped")
+    return rows, encode_block
+
+
 def layout_for_model(model: RQVAE, layout: TokenLayout | None = None) -> TokenLayout:
     """The TokenLayout to write IDs with: the given one (its codebook sizes must be the model's) or,
     when None, the default layout with the model's codebook sizes."""
@@ -364,10 +376,7 @@ def assign_ids(model, source, output, *, layout: TokenLayout | None = None, ids=
                          "model (model.to(device)) or leave device=None")
     cfg = model.cfg
     layout = layout_for_model(model, layout)
-    chunk_size, encode_block = int(chunk_size), int(encode_block)
-    if encode_block < 1 or chunk_size < encode_block or chunk_size % encode_block:
-        raise ValueError(f"chunk_size ({chunk_size}) must be a positive multiple of encode_block "
-                         f"({encode_block}); that keeps the encoder's output independent of chunking")
+    chunk_size, encode_block = check_block_multiple(chunk_size, encode_block, "chunk_size")
     if int(partition_rows) < 1:
         raise ValueError(f"partition_rows must be >= 1, got {partition_rows}")
     if worker is not None:

@@ -298,3 +298,20 @@ def codebook_usage(codes, sizes) -> list[float]:
             raise ValueError(f"codes[:, {l}] has values outside [0, {s}) (sizes[{l}] = {s})")
         out.append(float(torch.unique(col).numel()) / float(s))
     return out
+
+
+# ---- comparing two settings on the same examples -------------------------------------------------
+def paired_difference(a, b) -> dict:
+    """Mean per-example difference ``a - b`` of two settings evaluated on the same examples in the
+    same order (e.g. per-user Recall@10 from ``recall_at_k(..., reduction="none")``) with its
+    standard error (std of the differences / sqrt(n)): pairing removes the between-user variance,
+    so small real differences become visible.  a, b: float (R,) (tensors or arrays), R >= 2.
+    Returns {"mean": float, "se": float, "n": int}."""
+    x = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
+    y = torch.as_tensor(b, dtype=torch.float64).reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"paired_difference needs the same examples on both sides, got {x.numel()} and {y.numel()}")
+    if x.numel() < 2:
+        raise ValueError("paired_difference needs at least 2 examples")
+    d = x - y
+    return {"mean": float(d.mean()), "se": float(d.std() / d.numel() ** 0.5), "n": int(d.numel())}

@@ -62,7 +62,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .assign import EmbeddingSource, ParquetSource, file_fingerprint, layout_for_model
+from .assign import EmbeddingSource, ParquetSource, check_block_multiple, file_fingerprint, layout_for_model
 from .checks import check_int
 from .ids import ID_ROW_GROUP, IdRowGroupWriter, id_file_schema
 from .layout import TokenLayout
@@ -322,10 +322,7 @@ def assign_ids_ray(model_or_path, source, output, *, layout: TokenLayout | None 
         model = load_rqvae(model_or_path)
     cfg = model.cfg
     layout = layout_for_model(model, layout)
-    batch_rows, encode_block = int(batch_rows), int(encode_block)
-    if encode_block < 1 or batch_rows < encode_block or batch_rows % encode_block:
-        raise ValueError(f"batch_rows ({batch_rows}) must be a positive multiple of encode_block "
-                         f"({encode_block}); that keeps the encoder's output independent of the batching")
+    batch_rows, encode_block = check_block_multiple(batch_rows, encode_block, "batch_rows")
     check_int(num_workers, "num_workers", none_ok=True)
     check_int(partition_rows, "partition_rows")
     if int(max_retries) < 0:
