@@ -343,9 +343,10 @@ def cmd_train_rqvae(a):
     cfg = RQVAEConfig(input_dim=int(emb.shape[1]), codebook_sizes=a.codebook_sizes)
     if a.paper:
         tcfg = RQVAETrainConfig.paper()
-        tcfg.seed, tcfg.device = a.seed, a.device
+        tcfg.seed, tcfg.device, tcfg.precision = a.seed, a.device, a.precision
     else:
-        tcfg = RQVAETrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed, device=a.device)
+        tcfg = RQVAETrainConfig(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, seed=a.seed, device=a.device,
+                                precision=a.precision)
 
     def log(rec):
         if not a.quiet and (rec["epoch"] % max(1, a.epochs // 10) == 0 or rec["epoch"] == a.epochs - 1):
@@ -703,6 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=1024, help="embeddings per step")
     sp.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
     sp.add_argument("--device", default="cpu", help="torch device")
+    sp.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                    help="bf16 = autocast of the encoder/decoder MLPs (codes and losses stay fp32)")
 
     sp = add("assign-ids", cmd_assign_ids, "assign unique semantic IDs (streaming, resumable) -> ID table Parquet")
     sp.add_argument("--rqvae", required=True, help="RQ-VAE directory from train-rqvae")

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from .atomic import write_text
 from .layout import TokenLayout
 
 
@@ -113,7 +114,7 @@ def build_semantic_ids(dataset, embeddings, cfg: PipelineConfig, *, layout: Toke
 
     layout = layout or TokenLayout()
     rq_cfg = RQVAEConfig(input_dim=int(embeddings.shape[1]), codebook_sizes=layout.codebook_sizes)
-    rq_train = RQVAETrainConfig(epochs=cfg.rq_epochs, lr=cfg.rq_lr, seed=cfg.seed)
+    rq_train = RQVAETrainConfig(epochs=cfg.rq_epochs, lr=cfg.rq_lr, seed=cfg.seed, precision=cfg.precision)
     rqvae, history = train_rqvae(embeddings, rq_cfg, rq_train, progress=progress, log=log)
     codes = rqvae.semantic_codes(embeddings, backend=cfg.backend if cfg.backend in ("auto", "reference") else "auto")
     table = IdTable.from_rq_codes(layout, dataset.item_ids, codes)
@@ -204,10 +205,7 @@ def save_run(out_dir, *, rqvae=None, id_table=None, model=None, report: dict | N
     if model is not None:
         save_t5(model, id_table.layout, os.path.join(out_dir, "retriever"))
     if report is not None:
-        tmp = os.path.join(out_dir, "report.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2, default=jsonable)
-        os.replace(tmp, os.path.join(out_dir, "report.json"))
+        write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2, default=jsonable))
 
 
 def jsonable(x):
