@@ -78,15 +78,20 @@ class Server:
             self.log.seek(0)
             raise RuntimeError(f"server did not start: {line!r} {self.log.read()[-2000:]}")
         self.host, self.port = m.group(1), int(m.group(2))
-        deadline = time.monotonic() + 120
-        while True:  # ready only once loaded: 503 until then
-            status, _, body = self.call("GET", "/health")
-            if status == 200:
-                break
-            assert status == 503 and body["status"] == "loading", body
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"server not ready: {body}")
-            time.sleep(0.1)
+        try:
+            deadline = time.monotonic() + 300
+            while True:  # ready only once loaded: 503 until then
+                status, _, body = self.call("GET", "/health")
+                if status == 200:
+                    break
+                assert status == 503 and body["status"] == "loading", body
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"server not ready: {body}")
+                time.sleep(0.1)
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
     def call(self, method, path, body=None, *, raw=None, headers=None, timeout=60):
         conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
@@ -453,3 +458,31 @@ def test_string_ids_in_and_out(run):
         rec.add_items([{"item_id": key[h[0]], "text": "x"}])  # an existing key
     assert e.value.status == 409 and e.value.field == "items[0].item_id"
     assert rec.remove_item("sku-new")["num_items"] == 150 and rec.catalogue.version == 2
+
+
+def test_cli_flag_errors_and_help(run, tmp_path, capsys):
+    from tiger_fast.cli import main
+
+    d = run["dir"]
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--help"])
+    assert e.value.code == 0 and "--max-wait-ms" in capsys.readouterr().out
+    assert main(["serve", "--ids", str(tmp_path / "no.parquet"), "--model", str(d / "retriever")]) == 2
+    assert "error: --ids: no such file" in capsys.readouterr().err
+    assert main(["serve", "--ids", str(d / "ids.parquet"), "--model", str(d / "retriever"), "--max-batch", "0"]) == 2
+    assert "error: --max-batch must be an int >= 1" in capsys.readouterr().err
+    assert main(["serve", "--ids", str(d / "ids.parquet"), "--model", str(d / "retriever"),
+                 "--max-wait-ms", "-1"]) == 2
+    assert "error: --max-wait-ms must be" in capsys.readouterr().err
+
+
+def test_failed_load_stops_the_server_with_the_reason():
+    from tiger_fast.serve import run_server
+
+    def loader():
+        raise FileNotFoundError("ids.parquet is gone")
+
+    lines = []
+    with pytest.raises(ValueError, match="loading failed: FileNotFoundError: ids.parquet is gone"):
+        run_server(loader, ServeConfig(), port=0, echo=lines.append)
+    assert lines and lines[0].startswith("listening on http://127.0.0.1:")

@@ -27,7 +27,9 @@ scores (float32 sums) can differ from a batch-of-one ``generate`` call in the la
 the matrix products round differently for other batch shapes (MKL: a one-row product is a
 matrix-vector kernel; padding changes the softmax reductions); measured below 1e-5 on the test
 model, and IDs and order were identical in every test.  A request that fails in a batch (e.g. its
-history item was removed meanwhile) gets its own error; the others are answered.
+history item is no longer known) gets its own error; the others are answered.  /recommend/batch
+refuses a malformed call whole (422 naming ``requests[i].field``); errors found while decoding
+come back in that request's slot of ``results``.
 
 Hot items.  The catalogue (IdTable, Trie, id codec) is an immutable snapshot; POST /items and
 DELETE copy it, change the copy (RQ-VAE codes -> collision code -> trie, as
@@ -472,6 +474,15 @@ class Recommender:
         trie.tables(self.device)
 
     # ---- decoding -----------------------------------------------------------------------------
+    def warm_up(self) -> None:
+        """One decode before serving, so that lazy work (cached decode weights, precision
+        preparation) happens now and a bad backend / precision fails the start, not a request."""
+        snap = self._snap
+        tid = int(snap.id_table.item_ids[0])
+        q = Query(user_id=0, history=[snap.codec.to_external(tid)], k=min(10, len(snap.trie)), temperature=None,
+                  seed=0, row_key=0)
+        self._decode_group([q], [[tid]], snap)
+
     def decode(self, queries: list, snap: Catalogue | None = None) -> list:
         """Answer queries over one snapshot -> list of answer dicts or RequestError (same order).
         Each group of equal (k, temperature, seed) is one generate call; if that call fails, its
@@ -742,6 +753,7 @@ class _State:
     def load(self) -> None:
         try:
             rec = self.loader()
+            rec.warm_up()
             self.rec = rec
             self.batcher = Batcher(rec.decode, self.cfg, self.metrics)
             if self.status == "loading":
