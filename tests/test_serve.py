@@ -358,18 +358,25 @@ def test_hot_items_add_remove_atomic(server, run):
             (seen if status == 200 else errors).append((n % len(reqs), body))
             n += 3
 
+    def wait_for(pred):
+        deadline = time.monotonic() + 120
+        while not pred():
+            assert time.monotonic() < deadline and not errors, errors[:3]
+            time.sleep(0.05)
+
     threads = [threading.Thread(target=client, args=(t,)) for t in range(3)]
     for t in threads:
         t.start()
+    wait_for(lambda: len(seen) >= 3)  # answers from before the changes
     changes = [("remove", [9001], None), ("add", [9003], emb[40:41]), ("remove", [9002], None)]
     for op, who, e in changes:
-        time.sleep(0.3)
+        time.sleep(0.2)
         if op == "add":
             status, _, a = server.call("POST", "/items", {"items": [{"item_id": who[0], "embedding": e[0].tolist()}]})
         else:
             status, _, a = server.call("DELETE", f"/items/{who[0]}")
         assert status == 200, a
-    time.sleep(0.3)
+    wait_for(lambda: any(body["catalog_version"] == 4 for _, body in seen[-6:]))  # and from after them
     stop.set()
     for t in threads:
         t.join(60)
@@ -397,9 +404,9 @@ def test_hot_items_add_remove_atomic(server, run):
 
 
 def test_overload_503_then_sigterm_finishes_in_flight(run):
-    """Queue of 3, batches wait 1.5 s to fill: the 4th request is refused with Retry-After; SIGTERM
-    while 3 are queued still answers them, then the process exits 0."""
-    s = Server(run, "--max-batch", "8", "--max-wait-ms", "1500", "--max-queue", "3")
+    """Queue of 3, batches wait 8 s to fill: the 4th request is refused with Retry-After; SIGTERM
+    while 3 are queued answers them at once (not when the batch would fill), then the process exits 0."""
+    s = Server(run, "--max-batch", "8", "--max-wait-ms", "8000", "--max-queue", "3")
     try:
         reqs = [{"user_id": u, "history": history(run, u), "k": 4} for u in range(3)]
         results = [None] * 3
@@ -410,7 +417,7 @@ def test_overload_503_then_sigterm_finishes_in_flight(run):
         threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while s.metrics()["tiger_queue_depth"] < 3:
             assert time.monotonic() < deadline, "requests were not queued"
             time.sleep(0.02)
@@ -419,10 +426,12 @@ def test_overload_503_then_sigterm_finishes_in_flight(run):
         status, _, body = s.call("POST", "/recommend/batch", {"requests": reqs[:1]})
         assert status == 503
         assert s.metrics()['tiger_errors_total{kind="overloaded"}'] == 2
+        t_term = time.monotonic()
         s.proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(30)
         assert s.proc.wait(30) == 0
+        assert time.monotonic() - t_term < 6.0  # the queued batch did not wait out its 8 s
         for req, (status, _, body) in zip(reqs, results):
             assert status == 200
             assert_same(body, direct(run, req))

@@ -726,10 +726,14 @@ class Batcher:
             for q, a in zip(batch, answers):
                 q.resolve(a)
 
-    def close(self, timeout: float | None = None) -> None:
-        with self._cv:
+    def stop_admitting(self) -> None:
+        """Refuse new queries (503) and decode the queued ones without waiting for batches to fill."""
+        with self._cv:  # (an RLock: safe from a signal handler that interrupts submit)
             self._closing = True
             self._cv.notify_all()
+
+    def close(self, timeout: float | None = None) -> None:
+        self.stop_admitting()
         self._thread.join(timeout)
 
 
@@ -957,6 +961,8 @@ def run_server(loader, cfg: ServeConfig | None = None, *, host: str = "127.0.0.1
         def handle_exit(self, sig, frame):
             if st.status in ("loading", "ready"):
                 st.status = "draining"  # /health -> 503 at once, so load balancers stop sending
+            if st.batcher is not None:
+                st.batcher.stop_admitting()  # what is queued is decoded now, not when a batch fills
             if self.should_exit and sig == signal.SIGINT:
                 self.force_exit = True
             else:
