@@ -198,6 +198,21 @@ class _Block(nn.Module):
         self.ff = _FF(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, enc: torch.Tensor | None = None,
+                cross_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """One pre-norm layer over a whole sequence: x float (B, T, d_model), bias additive
+        (broadcastable to (B, h, T, T)); a decoder layer also attends to enc (B, S, d_model) with
+        cross_bias (B, 1, 1, S).  ``T5.decode_step`` runs the same layer for one new token per row
+        against a KV cache, with fused weight matrices (see there)."""
+        a = self.self_attn
+        h = self.self_norm(x)
+        x = x + self.drop(a.attend(a.heads(a.q(h)), a.heads(a.k(h)), a.heads(a.v(h)), bias))
+        if enc is not None:
+            c = self.cross_attn
+            h = self.cross_norm(x)
+            x = x + self.drop(c.attend(c.heads(c.q(h)), c.heads(c.k(enc)), c.heads(c.v(enc)), cross_bias))
+        return x + self.drop(self.ff(self.ff_norm(x)))
+
 
 class _Stack(nn.Module):
     def __init__(self, cfg: T5Config, num_layers: int, decoder: bool):
@@ -423,10 +438,7 @@ class T5(nn.Module):
         bias = (enc.position_bias(pos, pos).float() + _mask_bias(mask, cd).float()).to(cd)
         x = enc.drop(x)
         for blk in enc.layers:
-            a = blk.self_attn
-            h = blk.self_norm(x)
-            x = x + blk.drop(a.attend(a.heads(a.q(h)), a.heads(a.k(h)), a.heads(a.v(h)), bias))
-            x = x + blk.drop(blk.ff(blk.ff_norm(x)))
+            x = blk(x, bias)
         return enc.drop(enc.final_norm(x))
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -454,13 +466,7 @@ class T5(nn.Module):
         cross_bias = _mask_bias(enc_mask, cd)
         x = dec.drop(x)
         for blk in dec.layers:
-            a = blk.self_attn
-            h = blk.self_norm(x)
-            x = x + blk.drop(a.attend(a.heads(a.q(h)), a.heads(a.k(h)), a.heads(a.v(h)), bias))
-            c = blk.cross_attn
-            h = blk.cross_norm(x)
-            x = x + blk.drop(c.attend(c.heads(c.q(h)), c.heads(c.k(enc)), c.heads(c.v(enc)), cross_bias))
-            x = x + blk.drop(blk.ff(blk.ff_norm(x)))
+            x = blk(x, bias, enc, cross_bias)
         return self._head(dec.drop(dec.final_norm(x)))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -854,7 +860,9 @@ def save_t5(model: T5, layout: TokenLayout, path: str) -> None:
 
 
 def load_t5(path: str, *, device: str | torch.device = "cpu") -> tuple[T5, TokenLayout]:
-    """Load a `save_t5` directory -> (model in eval mode, layout).  No pickle is involved."""
+    """Load a `save_t5` directory -> (model in eval mode, layout); ``model.layout`` is that layout,
+    which ``generate`` compares with the ID table's.  No pickle is involved.  The config is checked
+    (CHECKPOINT_LIMITS, the weights' header) before anything is built; ValueError otherwise."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -912,4 +920,5 @@ def load_t5(path: str, *, device: str | torch.device = "cpu") -> tuple[T5, Token
         raise ValueError(f"cannot read weights {w_path!r}: {e}") from None
     model = T5(cfg)
     model.load_state_dict(sd, strict=True)
+    model.layout = layout  # generate() compares the whole layout with the ID table's, not only sizes
     return model.to(device).eval(), layout
