@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import numpy as np
@@ -221,3 +222,37 @@ def test_code_branching_counts_choices_per_level(as_tensor):
         {"level": 2, "prefixes": 3, "mean_choices": 4 / 3, "share_single_choice": 2 / 3},
     ]
     assert code_branching(np.zeros((0, 3), dtype=np.int64)) == []
+
+
+@pytest.mark.parametrize("n", [1, 7, 20, 23], ids=lambda n: f"rows{n}")
+def test_id_row_group_writer_bytes_independent_of_chunking(tmp_path, monkeypatch, n):
+    import pyarrow.parquet as pq
+
+    import tiger_fast.ids as ids_mod
+    from tiger_fast.ids import IdRowGroupWriter, id_file_schema
+
+    monkeypatch.setattr(ids_mod, "ID_ROW_GROUP", 7)  # small groups: several boundaries in a few rows
+    layout = TokenLayout(codebook_sizes=(4, 4), collision_size=3)
+    rng = np.random.default_rng(n)
+    ids = np.array(list(itertools.product(range(4), range(4), range(3))))[rng.permutation(48)[:n]]  # distinct
+    rows = np.concatenate([np.arange(n)[:, None] * 11, ids], axis=1).astype(np.int64)
+    cuts = {"whole": [n], "ones": [1] * n, "odd": [3, 5, 2, 11, 1, 9]}
+    files = {}
+    for name, sizes in cuts.items():
+        path = tmp_path / f"{name}.parquet"
+        with pq.ParquetWriter(path, id_file_schema(layout)) as w:
+            out, k = IdRowGroupWriter(w, layout), 0
+            for s in sizes:
+                if k < n:
+                    out.add(rows[k: k + s])
+                    k += s
+            out.add(rows[k:k])  # an empty piece changes nothing
+            out.close()
+        files[name] = path.read_bytes()
+        md = pq.ParquetFile(path).metadata
+        assert [md.row_group(g).num_rows for g in range(md.num_row_groups)] == \
+            [7] * (n // 7) + ([n % 7] if n % 7 else [])
+    assert files["whole"] == files["ones"] == files["odd"]
+    table = IdTable.from_parquet(tmp_path / "whole.parquet")
+    assert table.layout == layout and np.array_equal(table.item_ids.numpy(), rows[:, 0])
+    assert np.array_equal(table.codes.numpy(), rows[:, 1:])
