@@ -4,10 +4,10 @@ same semantic IDs, then validation Recall@10 / NDCG@10 on all users with paired 
 (± 1 standard error, over users) against the first setting.  Test metrics are never computed.
 
     python benchmarks/ablations.py --data beauty --ids ids.parquet --budget-min 10 --json abl.json \\
-        --setting base: --setting "rsqrt:schedule='rsqrt' warmup_steps=2000" --setting "nodrop:t5={...}"
+        --setting base: --setting "rsqrt:schedule='rsqrt'; warmup_steps=2000" --setting "big:t5={}; precision='bf16'"
 
-Each ``--setting`` is ``NAME:FIELD=VALUE ...`` (PipelineConfig overrides, Python literals, applied
-on top of ``--preset``).  Settings run one after another in one process each, so they see the same
+Each ``--setting`` is ``NAME:FIELD=VALUE; FIELD=VALUE ...`` (PipelineConfig overrides as Python
+literals, separated by ``;``, applied on top of ``--preset``).  Settings run one after another in one process each, so they see the same
 machine; the load average is recorded beside each.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ def main(argv=None):
     p.add_argument("--ids", required=True, help="ID table shared by every setting")
     p.add_argument("--preset", default="cpu")
     p.add_argument("--budget-min", type=float, default=10.0, help="wall minutes per setting (training + validation)")
-    p.add_argument("--setting", action="append", required=True, help="NAME:FIELD=VALUE ... (first = baseline)")
+    p.add_argument("--setting", action="append", required=True, help="NAME:FIELD=VALUE; ... (first = baseline)")
     p.add_argument("--eval-reserve-min", type=float, default=1.5, help="part of the budget kept for validation")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-dir", default="ablations")
@@ -52,7 +51,7 @@ def main(argv=None):
                    "--ids", a.ids, "--split", "valid", "--no-sasrec", "--budget-min", str(a.budget_min),
                    "--eval-reserve-min", str(a.eval_reserve_min), "--threads", str(a.threads), "--json", js, "--per-user", npz]
             if sets.strip():
-                cmd += ["--set", *shlex.split(sets)]
+                cmd += ["--set", *[x.strip() for x in sets.split(";") if x.strip()]]
             t = time.perf_counter()
             print(f"== {name}: {sets or '(preset)'}", flush=True)
             subprocess.run(cmd, check=True)
