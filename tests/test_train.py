@@ -301,3 +301,12 @@ def test_label_smoothing_changes_the_loss_not_the_data():
     a = train_retriever(_model(), ex, config=_cfg(max_steps=10), progress=False)
     b = train_retriever(_model(), ex, config=_cfg(max_steps=10, label_smoothing=0.2), progress=False)
     assert b["loss"][-1][1] > a["loss"][-1][1]  # smoothed targets: higher cross-entropy on the same batches
+
+
+def test_progress_bar_counts_the_budget_not_the_step_cap(capsys):
+    """Under a time budget the bar shows seconds of the budget (a 200k-step cap would promise an
+    ETA of hours for a run that stops in seconds)."""
+    ex = _task()
+    train_retriever(_model(), ex, config=_cfg(max_steps=200_000, time_budget_s=1.0, log_every=5), progress=True)
+    err = capsys.readouterr().err
+    assert "s of budget" in err and "/200000" not in err
