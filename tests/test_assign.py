@@ -362,3 +362,28 @@ def test_output_that_is_not_a_regular_file_is_refused(setup, tmp_path, kind):
     after = os.stat(out)
     assert (before.st_mode, before.st_ino, before.st_dev) == (after.st_mode, after.st_ino, after.st_dev)
     assert not os.path.exists(str(out) + ".work")
+
+
+def test_empty_npy_and_ids_beyond_int64_are_clear_errors(setup, tmp_path):
+    """An empty .npy used to raise EOFError; uint64 ids above 2^63-1 used to wrap to negative ids."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d, model, x, ids, _ = setup
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(ValueError, match="cannot read embeddings .*empty.npy as .npy: the file is empty"):
+        assign_ids(model, tmp_path / "empty.npy", tmp_path / "a.parquet", **_kw(d))
+    with pytest.raises(ValueError, match="cannot read item ids .*empty.npy as .npy"):
+        assign_ids(model, d / "x.npy", tmp_path / "a.parquet", **{**_kw(d), "ids": tmp_path / "empty.npy"})
+    big = ids.astype(np.uint64)
+    big[7] = np.uint64(2**63 + 5)
+    np.save(tmp_path / "big.npy", big)
+    with pytest.raises(ValueError, match=r"id 9223372036854775813 \(row 7\) is beyond the int64 range"):
+        assign_ids(model, d / "x.npy", tmp_path / "b.parquet", **{**_kw(d), "ids": tmp_path / "big.npy"})
+    pq.write_table(pa.table({"item_id": pa.array(big, pa.uint64()),
+                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 12)}),
+                   tmp_path / "big.parquet")
+    with pytest.raises(ValueError, match="beyond the int64 range"):
+        assign_ids(model, tmp_path / "big.parquet", tmp_path / "c.parquet",
+                   **{k: v for k, v in _kw(d).items() if k != "ids"})
+    assert not any(p.suffix == ".parquet" and p.stem in "abc" for p in tmp_path.iterdir())

@@ -108,10 +108,20 @@ def file_fingerprint(path: str) -> dict:
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def check_int64_ids(ids: np.ndarray, what: str) -> None:
+    """Unsigned 64-bit ids beyond the int64 range would wrap around silently: refuse them."""
+    if ids.dtype == np.uint64 and ids.size and int(ids.max()) > np.iinfo(np.int64).max:
+        bad = int(np.flatnonzero(np.asarray(ids) > np.uint64(np.iinfo(np.int64).max))[0])
+        raise ValueError(f"{what}: id {int(ids[bad])} (row {bad}) is beyond the int64 range; item ids must be "
+                         "int64 (map larger ids to a smaller id space first)")
+
+
 class _NpySource(EmbeddingSource):
     def __init__(self, path: str, ids_path: str | None):
         try:
             self.x = np.load(path, mmap_mode="r", allow_pickle=False)
+        except EOFError:
+            raise ValueError(f"cannot read embeddings {path} as .npy: the file is empty") from None
         except (ValueError, OSError) as e:
             raise ValueError(f"cannot read embeddings {path} as .npy: {e}") from e
         if self.x.ndim != 2 or not np.issubdtype(self.x.dtype, np.floating):
@@ -122,11 +132,14 @@ class _NpySource(EmbeddingSource):
         if ids_path is not None:
             try:
                 self.ids = np.load(ids_path, mmap_mode="r", allow_pickle=False)
+            except EOFError:
+                raise ValueError(f"cannot read item ids {ids_path} as .npy: the file is empty") from None
             except (ValueError, OSError) as e:
                 raise ValueError(f"cannot read item ids {ids_path} as .npy: {e}") from e
             if self.ids.shape != (self.num_rows,) or not np.issubdtype(self.ids.dtype, np.integer):
                 raise ValueError(f"item ids {ids_path} must be an integer array ({self.num_rows},), "
                                  f"got {self.ids.dtype} {self.ids.shape}")
+            check_int64_ids(self.ids, f"item ids {ids_path}")
             self.fingerprint["ids"] = file_fingerprint(ids_path)
 
     def read(self, start, stop):
@@ -198,7 +211,9 @@ class ParquetSource(EmbeddingSource):
             idcol = t.column(self.idc)
             if idcol.null_count:
                 raise ValueError(f"{self.path}: column {self.idc!r} has null item ids (row group {g})")
-            ids = idcol.to_numpy().astype(np.int64)
+            ids = idcol.to_numpy()
+            check_int64_ids(ids, f"{self.path}: column {self.idc!r}")
+            ids = ids.astype(np.int64)
         else:
             ids = np.arange(self.rg_start[g], self.rg_start[g + 1], dtype=np.int64)
         self._cache = (g, ids, x)
