@@ -1,4 +1,5 @@
 """Reliability regressions of issue 14: all-or-nothing writes, refused targets, loader checks."""
+import importlib
 import json
 import os
 import signal
@@ -282,3 +283,75 @@ def test_cli_refuses_non_regular_out(tmp_path, capsys, command, kind):
     assert err.startswith("error: --out: ") and "refusing to replace it" in err and "Traceback" not in err
     st2 = os.stat(out)
     assert (st.st_mode, st.st_ino, st.st_rdev) == (st2.st_mode, st2.st_ino, st2.st_rdev)
+
+
+# --- requests far beyond memory are refused up front (issue 14, 8) --------------------------------
+def _small_generate_setup():
+    from tiger_fast.ids import IdTable
+    from tiger_fast.layout import TokenLayout
+    from tiger_fast.t5 import T5, T5Config
+
+    layout = TokenLayout(codebook_sizes=(7, 5, 3), collision_size=8, num_user_tokens=11)
+    rng = np.random.default_rng(0)
+    codes = np.stack([rng.integers(0, s, 101) for s in layout.codebook_sizes], 1)
+    table = IdTable.from_rq_codes(layout, np.arange(101), codes)
+    model = T5(T5Config(vocab_size=layout.vocab_size, d_model=16, num_heads=2, d_kv=8, d_ff=32,
+                        num_encoder_layers=1, num_decoder_layers=1, dropout=0.0), seed=0).eval()
+    return model, table, rng
+
+
+@pytest.mark.parametrize("case", ["beams", "history", "requests"])
+def test_generate_refuses_requests_beyond_memory(case):
+    gen_mod = importlib.import_module("tiger_fast.generate")  # the package binds the name to the function
+
+    model, table, rng = _small_generate_setup()
+    hist = [rng.integers(0, 101, 9)]
+    kw = {}
+    if case == "beams":  # beam 10^9: (10^9, vocab) logits alone are > 100 GB
+        kw["num_beams"] = 10**9
+    elif case == "history":  # 4 x 2 x 120k^2 attention scores: ~460 GB
+        hist = [rng.integers(0, 101, 120_000) for _ in range(4)]
+        kw["max_history"] = 120_000
+    else:  # 5000 requests at once, with 10^6 beams each
+        hist = [hist[0]] * 5000
+        kw["num_beams"] = 10**6
+    avail = gen_mod.available_memory("cpu")
+    assert avail is not None  # Linux: MemAvailable
+    with pytest.raises(ValueError, match=r"would need about .* GiB .* available on cpu; send fewer requests"):
+        gen_mod.generate(model, hist, table, k=5, **kw)
+
+
+def test_generate_memory_check_uses_available_memory(monkeypatch):
+    """The same request passes with enough memory and is refused when little is available."""
+    gen_mod = importlib.import_module("tiger_fast.generate")  # the package binds the name to the function
+
+    model, table, rng = _small_generate_setup()
+    hist = [rng.integers(0, 101, 9) for _ in range(7)]
+    ref = gen_mod.generate(model, hist, table, k=5)
+    monkeypatch.setattr(gen_mod, "available_memory", lambda device: 4096)
+    with pytest.raises(ValueError, match="would need about"):
+        gen_mod.generate(model, hist, table, k=5)
+    monkeypatch.setattr(gen_mod, "available_memory", lambda device: 2**40)
+    assert torch.equal(gen_mod.generate(model, hist, table, k=5).item_ids, ref.item_ids)
+
+
+def test_generate_compares_the_whole_layout_of_a_loaded_model(tmp_path):
+    """Same vocabulary size, different split into code / user tokens: refused by the Python API too."""
+    from tiger_fast.generate import generate
+    from tiger_fast.ids import IdTable
+    from tiger_fast.layout import TokenLayout
+    from tiger_fast.t5 import T5, T5Config, load_t5, save_t5
+
+    a = TokenLayout(codebook_sizes=(7, 5), collision_size=8, num_user_tokens=11)
+    b = TokenLayout(codebook_sizes=(7, 5), collision_size=9, num_user_tokens=10)
+    assert a.vocab_size == b.vocab_size and a != b
+    m = T5(T5Config(vocab_size=a.vocab_size, d_model=16, num_heads=2, d_kv=8, d_ff=32,
+                    num_encoder_layers=1, num_decoder_layers=1, dropout=0.0))
+    save_t5(m, a, str(tmp_path / "m"))
+    model, layout = load_t5(str(tmp_path / "m"))
+    rng = np.random.default_rng(0)
+    codes = np.stack([rng.integers(0, s, 40) for s in (7, 5)], 1)
+    hist = [rng.integers(0, 40, 6)]
+    generate(model, hist, IdTable.from_rq_codes(a, np.arange(40), codes), k=3)  # its own layout: fine
+    with pytest.raises(ValueError, match="layout mismatch"):
+        generate(model, hist, IdTable.from_rq_codes(b, np.arange(40), codes), k=3)

@@ -272,6 +272,7 @@ def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beam
     run_model, precision_ctx = prepare_model(model, precision, device)
     ids, mask = encoder_batch(layout, id_table, histories, user_ids, max_history, device)
     R = ids.shape[0]
+    check_request_memory(model, R, ids.shape[1], num_beams, L, device)
     if row_keys is None:
         rk = torch.arange(R, dtype=torch.int64)
     else:
@@ -335,3 +336,45 @@ def _exit_eval(model, borrowed: bool) -> None:
         if st[0] == 0:
             del _BORROWED[id(model)]
             model.train(True)
+
+
+def available_memory(device) -> int | None:
+    """Bytes free for a request on ``device``: CUDA's free memory, or Linux's MemAvailable for the
+    CPU; None when unknown (no check then)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def request_memory(model, R: int, S: int, num_beams: int, L: int) -> int:
+    """A rough upper estimate (bytes, float32) of what one generate call allocates: the encoder's
+    attention and activations for R x S inputs, the cross-attention K/V, and per decoding step the
+    (R * num_beams, vocab) logits and the self-attention cache over L + 1 steps."""
+    c = model.config
+    d, dff, H = int(c.d_model), int(c.d_ff), int(c.num_heads)
+    inner = H * int(getattr(c, "d_kv", d // max(H, 1)))
+    Ld = int(getattr(c, "num_decoder_layers", None) or getattr(c, "num_layers", 1))
+    V = int(c.vocab_size)
+    enc = R * S * (dff + 4 * inner + 4 * d) + 2 * R * H * S * S + 2 * Ld * R * S * inner
+    rows = R * num_beams
+    dec = rows * (3 * V + dff + 4 * inner + 4 * d) + 2 * Ld * rows * (L + 2) * inner + rows * H * S
+    return 4 * (enc + dec)
+
+
+def check_request_memory(model, R: int, S: int, num_beams: int, L: int, device) -> None:
+    """ValueError when ``request_memory`` exceeds ``available_memory(device)`` (before allocating)."""
+    need = request_memory(model, R, S, num_beams, L)
+    have = available_memory(device)
+    if have is not None and need > have:
+        raise ValueError(f"this generate call would need about {need / 2**30:.1f} GiB ({R} requests x num_beams "
+                         f"{num_beams}, encoder input length {S}, vocab {int(model.config.vocab_size)}) but about "
+                         f"{have / 2**30:.1f} GiB is available on {torch.device(device)}; send fewer requests per "
+                         "call, or lower num_beams / max_history")
