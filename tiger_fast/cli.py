@@ -744,24 +744,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--time-budget", type=float, default=1800.0,
                     help="training wall seconds; the schedule is sized to it")
     sp.add_argument("--model-size", default=None, choices=["small", "paper", "6x6"],
-                    help="T5 shape (default: the preset's; small = d_model 64, 2+2 layers; paper = 4+4, d_model 128)")
-    sp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+                    help="T5 shape; None = the preset's (small = d_model 64, 2+2 layers; paper = 4+4, d_model 128)")
+    sp.add_argument("--threads", type=int, default=None, help="torch threads; None = torch's choice")
     sp.add_argument("--precision", default=None, choices=["fp32", "bf16"],
-                    help="bf16 = autocast (fp32 master weights, fp32 loss and softmax); default: the preset's (fp32)")
-    sp.add_argument("--steps", type=int, default=None, help="step cap (default: the preset's)")
-    sp.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
-    sp.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
-    sp.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: the preset's)")
-    sp.add_argument("--schedule", default=None, choices=["cosine", "rsqrt"], help="default: the preset's")
-    sp.add_argument("--weight-decay", type=float, default=None, help="default: the preset's")
-    sp.add_argument("--label-smoothing", type=float, default=None, help="default: the preset's (0)")
+                    help="bf16 = autocast (fp32 master weights, fp32 loss and softmax); None = the preset's (fp32)")
+    sp.add_argument("--steps", type=int, default=None, help="step cap; None = the preset's")
+    sp.add_argument("--batch-size", type=int, default=None, help="None = the preset's")
+    sp.add_argument("--lr", type=float, default=None, help="peak learning rate; None = the preset's")
+    sp.add_argument("--warmup", type=int, default=None, help="warm-up steps; None = the preset's")
+    sp.add_argument("--schedule", default=None, choices=["cosine", "rsqrt"], help="None = the preset's")
+    sp.add_argument("--weight-decay", type=float, default=None, help="None = the preset's")
+    sp.add_argument("--label-smoothing", type=float, default=None, help="None = the preset's (0)")
     sp.add_argument("--layers", type=int, default=None, help="encoder and decoder layers (paper: 4)")
-    sp.add_argument("--eval-every", type=int, default=None, help="validate every N steps (default: the preset's)")
+    sp.add_argument("--eval-every", type=int, default=None, help="validate every N steps; None = the preset's")
     sp.add_argument("--eval-every-min", type=float, default=None,
-                    help="validate every M wall minutes (default: the preset's, 5 for cpu)")
-    sp.add_argument("--eval-users", type=int, default=None, help="validation users (0 = no validation)")
+                    help="validate every M wall minutes; None = the preset's (5 for cpu)")
+    sp.add_argument("--eval-users", type=int, default=None, help="validation users (0 = no validation); None = the preset's")
     sp.add_argument("--patience", type=int, default=None,
-                    help="stop after N validations without a new best (default: the preset's)")
+                    help="stop after N validations without a new best; None = the preset's")
     sp.add_argument("--length-buckets", type=int, default=None,
                     help="sort windows of N batches by history length (less padding: ~3.6x faster on Beauty); "
                          "0 = uniform random batches, as in the paper")
