@@ -537,6 +537,7 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
     plan_t0 = [None]
     replan = plan_needed
     bar = None
+    bar_clock = [0.0]
     if progress and rank == 0:
         from tqdm.auto import tqdm
         if cfg.time_budget_s is not None:  # progress against the budget, not a step count it never reaches
@@ -605,10 +606,14 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
                         bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
                 if bar is not None:
                     if cfg.time_budget_s is not None:
-                        bar.n = min(time.monotonic() - t0, cfg.time_budget_s)
-                        bar.set_postfix_str(f"step {step}" + (f"/{history['planned_steps']}"
-                                                              if history.get("planned_steps") else ""))
-                        bar.refresh()
+                        now = time.monotonic()
+                        if now - bar_clock[0] >= 1.0:  # redraw at most once a second (logs stay short)
+                            bar_clock[0] = now
+                            bar.n = min(now - t0, cfg.time_budget_s)
+                            bar.set_postfix_str(f"step {step}" + (f"/{history['planned_steps']}"
+                                                                  if history.get("planned_steps") else ""),
+                                                refresh=False)
+                            bar.refresh()
                     else:
                         bar.update(1)
                 if step % cfg.eval_every == 0 or _eval_due(cfg, eval_clock[0], dist):
