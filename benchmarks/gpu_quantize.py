@@ -1,4 +1,4 @@
-"""GPU benchmark of the exact Triton residual quantizer (kernels/quantize.py), in one go.
+"""GPU benchmark of the exact Triton residual quantizer (tiger_fast/kernels/quantize.py), in one go.
 
     python benchmarks/gpu_quantize.py --n 1e9 --json out/gpu_quantize.json      # on a GPU (H200)
     python benchmarks/gpu_quantize.py --dry-run --json /tmp/gq.json             # CPU, interpreter
@@ -20,7 +20,7 @@ screens with wider bounds, repaired by the fp32 re-screen; results identical by 
   * for context, a plain float32 torch GPU quantizer (matmul + argmin, NOT exact) and its
     disagreements with the reference.
 
-Kernel layout (details in kernels/_rq_triton.py): one program owns BLOCK_M rows and keeps their
+Kernel layout (details in tiger_fast/kernels/_rq_triton.py): one program owns BLOCK_M rows and keeps their
 residual tile in registers through all L levels (latents read once, residual written once); per
 level it streams the codebook in BLOCK_K x D tiles (L1/L2 resident, 32 KiB per level), computes
 s = ||c||^2 - 2 r.c with one tl.dot per tile, and tracks per row only three values -- best,
@@ -70,10 +70,7 @@ def main(argv=None):
     sys.path.insert(0, ROOT)
     import torch
 
-    try:
-        from tiger_fast.kernels import quantize as kq
-    except ImportError:
-        from kernels import quantize as kq
+    from tiger_fast.kernels import quantize as kq
     from tiger_fast.reference.quantize import residual_quantize
 
     device = torch.device("cpu" if args.dry_run else "cuda")
@@ -227,10 +224,7 @@ def main(argv=None):
             "exact_levels": agg["exact_levels"],
         }
         if device.type == "cuda" and not args.dry_run:
-            try:
-                from kernels import _rq_triton as kt  # noqa: F401
-            except ImportError:
-                from tiger_fast.kernels import _rq_triton as kt  # noqa: F401
+            from tiger_fast.kernels import _rq_triton as kt  # noqa: F401
             best = getattr(kt.rq_kernel_tuned, "best_config", None)
             entry["best_config"] = str(best) if best is not None else None
         result["precisions"][prec] = entry

@@ -1,4 +1,4 @@
-"""Triton residual quantizer (kernels/quantize.py) against the reference, exactly.
+"""Triton residual quantizer (tiger_fast/kernels/quantize.py) against the reference, exactly.
 
 Runs on a GPU when there is one, else on CPU tensors through the Triton interpreter
 (tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported).  Codes and residuals are
@@ -19,7 +19,7 @@ from tiger_fast.reference.quantize import fp32_screen_bound, gamma, residual_qua
 
 def _import_kernel():
     errors = []
-    for name in ("tiger_fast.kernels.quantize", "kernels.quantize"):
+    for name in ("tiger_fast.kernels.quantize",):
         try:
             return importlib.import_module(name)
         except ImportError as exc:
@@ -315,10 +315,7 @@ sys.path.insert(0, sys.argv[1])
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-try:
-    from tiger_fast.kernels import _rq_triton as kt
-except ImportError:
-    from kernels import _rq_triton as kt
+from tiger_fast.kernels import _rq_triton as kt
 names = kt.rq_kernel.arg_names
 ptr = {"x_ptr": "*fp32", "cb_ptr": "*fp32", "cn2_ptr": "*fp32", "lvl_k_ptr": "*i32",
        "lvl_off_ptr": "*i32", "lvl_n2max_ptr": "*fp32", "lvl_nmax_ptr": "*fp32",

@@ -17,7 +17,6 @@ Backends:
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from typing import Sequence
@@ -47,20 +46,11 @@ def _load_triton():
         import triton  # noqa: F401
     except ImportError as exc:
         return None, f"triton is not installed ({exc}); pip install 'tiger_fast[triton]'"
-    errors = []
-    # Installed: tiger_fast.kernels (pyproject maps it to kernels/).  Source checkout: the
-    # top-level kernels/ next to tiger_fast/ -- accepted only if it is that directory.
-    ours = os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
-    for name in ("tiger_fast.kernels.quantize", "kernels.quantize"):
-        try:
-            mod = importlib.import_module(name)
-            if name == "kernels.quantize" and not os.path.realpath(mod.__file__).startswith(ours + os.sep):
-                errors.append(f"{name}: {mod.__file__} is not this checkout's kernels/")
-                continue
-            return mod.quantize_triton, ""
-        except (ImportError, AttributeError) as exc:
-            errors.append(f"{name}: {exc}")
-    return None, "the Triton quantize kernel could not be imported (" + "; ".join(errors) + ")"
+    try:
+        from tiger_fast.kernels import quantize as kq
+        return kq.quantize_triton, ""
+    except (ImportError, AttributeError) as exc:
+        return None, f"the Triton quantize kernel could not be imported (tiger_fast.kernels.quantize: {exc})"
 
 
 def _triton_usable(on_cuda: bool) -> tuple:

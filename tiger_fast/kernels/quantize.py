@@ -1,7 +1,6 @@
 """Exact residual quantization with a Triton kernel (docs/contracts.md, "Quantization").
 
-Public API (installed as ``tiger_fast.kernels.quantize``; from a source checkout also importable
-as ``kernels.quantize`` with the repository root on ``sys.path``):
+Public API (``tiger_fast.kernels.quantize``):
 
     quantize_triton(latents, codebooks, *, precision="fp32", stats=None, ...)
         -> (codes int64 (N, L), residual float32 (N, D))
@@ -14,7 +13,7 @@ Results are identical (``torch.equal``, codes and residuals) to
 ``tiger_fast.reference.quantize.residual_quantize`` on every input; the kernel only decides what it
 can certify and hands the rest to the reference routine:
 
-1. One Triton pass does all L levels for a block of rows (kernel layout: ``kernels/_rq_triton.py``):
+1. One Triton pass does all L levels for a block of rows (kernel layout: ``tiger_fast/kernels/_rq_triton.py``):
    a float32 screen (or a tensor-core screen, ``precision``), a rigorous certification test per
    row and level, the fp32 residual update, and a per-row "flagged level" (the first level it
    could not certify, or -1).
