@@ -346,14 +346,17 @@ def test_recommend_takes_string_user_ids_and_int_ids_alike(pipeline, tmp_path):
     for user, rank in (("alice", 3), ("user-00", 0), ("user-59", 59)):
         rc, out_s, err = run(["recommend", "--data", spec_str, "--user", user] + common)
         assert rc == 0, err
-        rc, out_i, err = run(["recommend", "--data", spec_int, "--user", str(rank)] + common)
+        # other item ids = another catalogue by its fingerprint: refused unless asked for deliberately
+        rc, _, err = run(["recommend", "--data", spec_int, "--user", str(rank)] + common)
+        assert rc == 2 and "--allow-other-catalogue" in err and "--ids" in err
+        rc, out_i, err = run(["recommend", "--data", spec_int, "--user", str(rank), "--allow-other-catalogue"] + common)
         assert rc == 0, err
         # the same catalogue under its internal numbers: the same IDs, scores and titles, keys aside
         s, i = rec_lines(out_s), rec_lines(out_i)
         assert len(s) == 6 and [re.sub(r"item sku-0*(\d)", r"item \1", ln) for ln in s] == i
     rc, _, err = run(["recommend", "--data", spec_str, "--user", "bob"] + common)
     assert rc == 2 and f"--user bob is not a user of --data {spec_str}" in err
-    rc, _, err = run(["recommend", "--data", spec_int, "--user", "alice"] + common)
+    rc, _, err = run(["recommend", "--data", spec_int, "--user", "alice", "--allow-other-catalogue"] + common)
     assert rc == 2 and "integer ids" in err and "--user" in err
 
 

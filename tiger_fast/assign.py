@@ -76,6 +76,7 @@ import torch
 
 from .atomic import check_target, clean_stale_temps, fsync_dir, temp_name, write_atomic
 from .ids import IdRowGroupWriter, id_file_schema
+from .provenance import id_file_provenance, rqvae_digest
 from .layout import TokenLayout
 from .rqvae import ENCODE_BLOCK, RQVAE, load_rqvae
 
@@ -252,14 +253,6 @@ def open_source(path, *, ids=None, embedding_column: str = "embedding",
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def _model_fingerprint(model: RQVAE) -> str:
-    h = hashlib.sha256(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _hash_ids(ids: np.ndarray) -> np.ndarray:
     """A fixed 64-bit mix (splitmix64 finaliser) of int64 ids -> uint64; spreads consecutive ids."""
     z = ids.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
@@ -359,7 +352,7 @@ def assign_ids(model, source, output, *, layout: TokenLayout | None = None, ids=
                chunk_size: int = 65536, encode_block: int = ENCODE_BLOCK, partition_rows: int = 4_000_000,
                work_dir=None, backend: str = "auto", device: str | None = None, restart: bool = False,
                keep_work: bool = False, progress: bool = True, worker: tuple[int, int] | None = None,
-               callback: Callable[[str, int], None] | None = None) -> dict:
+               callback: Callable[[str, int], None] | None = None, allow_other_catalogue: bool = False) -> dict:
     """Assign semantic IDs to every item of an embedding file, streaming, and write an ID table.
 
     model: RQVAE or a checkpoint directory (``save_rqvae``); source: ``.npy`` / Parquet path (see
@@ -377,6 +370,9 @@ def assign_ids(model, source, output, *, layout: TokenLayout | None = None, ids=
     The output is the same as a single process's (the chunks are the same files either way).
     callback(stage, index): called after each finished chunk ("map", i) and partition
     ("reduce", p) — for monitoring (an exception raised there stops the run, which can resume).
+    allow_other_catalogue: apply an RQ-VAE trained on another catalogue's embeddings (by default
+    a known mismatch between the model's and the embeddings' recorded catalogues is refused; see
+    tiger_fast.provenance).  The output records the embeddings' catalogue and the model's digest.
     Returns a report dict (IdTable.report() fields plus rows, seconds, items_per_second).
     Raises ValueError on collision overflow (naming the prefix), duplicate item ids, NaN/Inf
     embeddings (naming the row range), a wrong embedding size, or a work_dir from another run.
@@ -405,6 +401,8 @@ def assign_ids(model, source, output, *, layout: TokenLayout | None = None, ids=
         raise ValueError(f"embeddings have dimension {src.dim} but the RQ-VAE expects input_dim "
                          f"{cfg.input_dim}; embed with the model the RQ-VAE was trained on")
     output = check_target(os.fspath(output), "output")
+    model_digest = rqvae_digest(model)
+    provenance = id_file_provenance(model, source, src.num_rows, allow_other_catalogue)
     work_dir = os.fspath(work_dir) if work_dir is not None else output + ".work"
     prefix_space = 1
     for k in cfg.codebook_sizes:
@@ -414,18 +412,18 @@ def assign_ids(model, source, output, *, layout: TokenLayout | None = None, ids=
     plan = _Plan(n, chunk_size, math.ceil(n / chunk_size), P, prefix_space, encode_block)
 
     manifest = {"format": _MANIFEST_FORMAT, "source": src.fingerprint, "rows": n,
-                "model": _model_fingerprint(model), "layout": layout.to_dict(),
+                "model": model_digest, "layout": layout.to_dict(),
                 "chunk_size": chunk_size, "encode_block": encode_block, "partitions": P}
     lock_fd, fingerprint = _open_work_dir(work_dir, manifest, restart, exclusive=worker is None)
     try:
         return _run(model, src, layout, plan, work_dir, fingerprint, output, backend, device, progress,
-                    callback, worker, keep_work, t_start)
+                    callback, worker, keep_work, t_start, provenance)
     finally:
         os.close(lock_fd)  # releases the lock (after the work dir is removed, for a final run)
 
 
 def _run(model, src, layout, plan, work_dir, fingerprint, output, backend, device, progress, callback,
-         worker, keep_work, t_start) -> dict:
+         worker, keep_work, t_start, provenance) -> dict:
     n, chunk_size = plan.n, plan.chunk_size
     mine = [ci for ci in range(plan.num_chunks) if worker is None or ci % worker[1] == worker[0]]
     bar = None
@@ -448,7 +446,7 @@ def _run(model, src, layout, plan, work_dir, fingerprint, output, backend, devic
             min((ci + 1) * chunk_size, n) - ci * chunk_size for ci in mine), "chunks_finished": done,
             "chunks_total": plan.num_chunks, "chunks_rejected": rejected, "seconds": secs}
     stats = _reduce_phase(layout, plan, work_dir, fingerprint, callback, progress)
-    _write_output(layout, plan, work_dir, output)
+    _write_output(layout, plan, work_dir, output, provenance)
     if not keep_work:
         shutil.rmtree(work_dir, ignore_errors=True)
     secs = time.perf_counter() - t_start
@@ -675,13 +673,13 @@ def _reduce_phase(layout: TokenLayout, plan: _Plan, work_dir, fingerprint, callb
             "codebook_usage": [float(u.mean()) for u in used], "collision_usage": float(used_c.mean())}
 
 
-def _write_output(layout: TokenLayout, plan: _Plan, work_dir, output) -> None:
+def _write_output(layout: TokenLayout, plan: _Plan, work_dir, output, provenance: dict) -> None:
     import pyarrow.parquet as pq
 
     L1 = layout.num_levels
 
     def write(tmp):
-        with pq.ParquetWriter(tmp, id_file_schema(layout)) as w:
+        with pq.ParquetWriter(tmp, id_file_schema(layout, provenance)) as w:
             out = IdRowGroupWriter(w, layout)  # fixed row groups: bytes independent of partitioning
             for p in range(plan.P):
                 pdir = os.path.join(work_dir, "reduce", f"p{p:06d}")

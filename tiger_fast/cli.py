@@ -98,6 +98,7 @@ def _api_terms_to_cli(msg: str) -> str:
     """Rewrite the Python-API advice a library error carries into the CLI flag that does the same."""
     msg = re.sub(r"^load_tables(?: items| interactions)?: ", "", msg)
     msg = msg.replace("unknown_columns='ignore' (drop) / 'keep' (store in item dicts)", "--ignore-unknown-columns (drop)")
+    msg = msg.replace("allow_other_catalogue=True (CLI: --allow-other-catalogue)", "--allow-other-catalogue")
     return msg.replace("unknown_columns='ignore'", "--ignore-unknown-columns")
 
 
@@ -134,10 +135,25 @@ def _check_ids_cover(ds, table, a):
                        f"from this catalogue: `tiger-fast embed --data ...`, then train-rqvae and assign-ids")
 
 
+def _check_catalogue(ds, table, a):
+    """``--ids`` must come from the catalogue of ``--data`` (recorded fingerprints; see
+    tiger_fast.provenance) unless ``--allow-other-catalogue``."""
+    from .provenance import catalogue_fingerprint, check_same
+
+    if getattr(a, "allow_other_catalogue", False):
+        return
+    try:
+        check_same(f"--ids {a.ids} vs --data {a.data}", table.provenance.get("catalogue"),
+                   catalogue_fingerprint(ds), "--allow-other-catalogue")
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
 def _load_data_and_ids(a):
     """(Dataset, IdTable) for ``--data`` and ``--ids``, checked to fit each other."""
     ds = _load_data(a)
     table = _load_ids(a.ids)
+    _check_catalogue(ds, table, a)
     _check_ids_cover(ds, table, a)
     return ds, table
 
@@ -209,7 +225,10 @@ def _user_row(ds, text, spec):
     return u
 
 
-def _load_model(path, id_table, ids_path="the ID table"):
+def _load_model(path, id_table, ids_path="the ID table", allow_other=False):
+    """``--model`` checkpoint, checked against ``--ids`` (layout; the ID table it was trained
+    with, unless ``allow_other``)."""
+    from .provenance import check_same, id_table_digest
     from .t5 import load_t5
 
     if not os.path.exists(path):
@@ -220,8 +239,11 @@ def _load_model(path, id_table, ids_path="the ID table"):
         raise CliError(f"--model {path}: {e}") from e
     try:
         layout.check_compatible(id_table.layout, f"--model {path} layout vs --ids {ids_path} layout")
+        if not allow_other:
+            check_same(f"--model {path} vs --ids {ids_path}", model.provenance.get("id_table"),
+                       id_table_digest(id_table), "--allow-other-catalogue")
     except ValueError as e:
-        raise CliError(str(e)) from e
+        raise CliError(str(e)) from None
     return model.eval()
 
 
@@ -297,6 +319,7 @@ def cmd_embed(a):
 
     from .atomic import write_npy
     from .embed import embed_dataset, fields_template, item_texts
+    from .provenance import catalogue_fingerprint, sidecar_path, write_sidecar
 
     ids_path = os.path.splitext(a.out)[0] + ".ids.npy"
     _check_out(a.out)
@@ -324,15 +347,23 @@ def cmd_embed(a):
                             progress=not a.quiet)
     except (ValueError, OSError, ImportError) as e:
         raise CliError(f"--model {a.model or '(packaged all-MiniLM-L6-v2)'}: {e}") from e
-    # ids first, embeddings last: an --out file always has its ids file next to it
+    # ids first, embeddings, then the provenance sidecar: an --out file always has its ids file
+    # next to it, and a sidecar never describes other embeddings (the old one goes first)
+    sidecar = sidecar_path(a.out)
+    _check_out(sidecar, "--out (its provenance file)")
+    if os.path.exists(sidecar):
+        os.unlink(sidecar)
     write_npy(ids_path, np.asarray(ds.item_ids, dtype=np.int64), what="--out (its item ids file)")
     write_npy(a.out, np.asarray(emb), what="--out")
-    print(f"wrote {a.out} ({emb.shape[0]} x {emb.shape[1]} float32) and item ids {ids_path}")
+    write_sidecar(a.out, {"artefact": "embeddings", "catalogue": catalogue_fingerprint(ds), "rows": int(emb.shape[0]),
+                          "encoder": a.model or "all-MiniLM-L6-v2 (packaged)", "text_fields": list(a.text_fields)})
+    print(f"wrote {a.out} ({emb.shape[0]} x {emb.shape[1]} float32), item ids {ids_path}, provenance {sidecar}")
 
 
 def cmd_train_rqvae(a):
     import numpy as np
 
+    from .provenance import read_sidecar
     from .rqvae import RQVAEConfig, RQVAETrainConfig, save_rqvae, train_rqvae
 
     _embeddings_npy(a.embeddings)
@@ -353,7 +384,13 @@ def cmd_train_rqvae(a):
             usage = " ".join(f"{u:.0%}" for u in rec["usage"])
             print(f"epoch {rec['epoch']}: recon {rec['recon_loss']:.4f} rq {rec['rq_loss']:.4f} usage/level {usage}")
 
+    try:
+        prov = read_sidecar(a.embeddings, rows=int(emb.shape[0]))
+    except ValueError as e:
+        raise CliError(f"--embeddings {a.embeddings}: {e}") from None
     model, hist = train_rqvae(emb, cfg, tcfg, progress=not a.quiet, log=log)
+    if prov and prov.get("catalogue"):
+        model.provenance = {"catalogue": prov["catalogue"]}  # assign-ids checks it against the embeddings
     save_rqvae(model, a.out)
     print(f"wrote {a.out}")
 
@@ -376,21 +413,31 @@ def cmd_assign_ids(a):
         rep = assign_ids_ray(a.rqvae, a.embeddings, a.out, ray_address=a.ray_address, num_workers=a.ray_workers,
                              use_gpu={"auto": None, "yes": True, "no": False}[a.ray_gpu], batch_rows=a.chunk_size,
                              backend=a.backend, embedding_column=a.embedding_column, id_column=a.id_column,
-                             progress=not a.quiet)
+                             progress=not a.quiet, allow_other_catalogue=a.allow_other_catalogue)
         _print_json(rep)
         return
     from .assign import assign_ids
 
     if a.embeddings.lower().endswith(".npy"):
         rows = _embeddings_npy(a.embeddings)[0]
+        beside = os.path.splitext(a.embeddings)[0] + ".ids.npy"
+        if a.item_ids is None and os.path.isfile(beside):
+            # embed writes EMB.ids.npy; without it the row index would become the item id, which
+            # silently shifts every ID of a catalogue whose ids are not 0..N-1
+            a.item_ids = beside
+            print(f"item ids from {beside} (written by embed beside --embeddings)", file=sys.stderr)
         if a.item_ids:
             shape, _ = _npy_header(a.item_ids, "--item-ids")
             if shape != (rows,):
                 raise CliError(f"--item-ids {a.item_ids} holds shape {shape}, but --embeddings {a.embeddings} has "
                                f"{rows} rows; give one id per row (embed writes them as EMB.ids.npy)")
-    rep = assign_ids(a.rqvae, a.embeddings, a.out, ids=a.item_ids, chunk_size=a.chunk_size,
-                     backend=a.backend, work_dir=a.work_dir, restart=a.restart, progress=not a.quiet,
-                     embedding_column=a.embedding_column, id_column=a.id_column)
+    try:
+        rep = assign_ids(a.rqvae, a.embeddings, a.out, ids=a.item_ids, chunk_size=a.chunk_size,
+                         backend=a.backend, work_dir=a.work_dir, restart=a.restart, progress=not a.quiet,
+                         embedding_column=a.embedding_column, id_column=a.id_column,
+                         allow_other_catalogue=a.allow_other_catalogue)
+    except ValueError as e:
+        raise CliError(f"--rqvae {a.rqvae}, --embeddings {a.embeddings}: {_api_terms_to_cli(str(e))}") from None
     _print_json(rep)
 
 
@@ -402,6 +449,7 @@ def cmd_id_report(a):
     rep = table.report()
     if a.data:
         ds = _load_data(a)
+        _check_catalogue(ds, table, a)
         _check_ids_cover(ds, table, a)
         rep.update(semantic_id_report(table, leaf_categories_by_row(ds, table)))
     if a.plot:
@@ -521,7 +569,7 @@ def cmd_evaluate(a):
     for t in a.temperatures or []:
         if isinstance(t, tuple) and len(t) != levels:
             raise CliError(f"--temperatures: setting {t} has {len(t)} values; give one T or {levels} (one per level)")
-    model = _load_model(_resolve_model_dir(a.model), table, a.ids)
+    model = _load_model(_resolve_model_dir(a.model), table, a.ids, a.allow_other_catalogue)
     _check_k(a, table)
     _check_temperature(a.temperature, table, a)
     res = evaluate_retriever(model, ds, table, split=a.split, k=a.k, temperature=a.temperature,
@@ -548,7 +596,7 @@ def cmd_recommend(a):
     from .generate import generate
 
     ds, table = _load_data_and_ids(a)
-    model = _load_model(_resolve_model_dir(a.model), table, a.ids)
+    model = _load_model(_resolve_model_dir(a.model), table, a.ids, a.allow_other_catalogue)
     u = _user_row(ds, a.user, a.data)
     _check_k(a, table)
     _check_temperature(a.temperature, table, a)
@@ -578,7 +626,7 @@ def cmd_batch_recall(a):
 
     _check_out(a.out)
     ds, table = _load_data_and_ids(a)
-    model = _load_model(_resolve_model_dir(a.model), table, a.ids)
+    model = _load_model(_resolve_model_dir(a.model), table, a.ids, a.allow_other_catalogue)
     _check_k(a, table)
     _check_temperature(a.temperature, table, a)
     rep = batch_recall(model, ds, table, a.out, k=a.k, batch_size=a.batch_size, backend=a.backend,
@@ -612,7 +660,8 @@ def cmd_serve(a):
                 ds = load_dataset_spec(a.data)
             except (ValueError, TypeError, OSError) as e:
                 raise ValueError(f"--data {a.data}: {e}") from e
-        return load_recommender(model_dir, a.ids, rqvae_dir=a.rqvae, dataset=ds, cfg=cfg)
+        return load_recommender(model_dir, a.ids, rqvae_dir=a.rqvae, dataset=ds, cfg=cfg,
+                                allow_other_catalogue=a.allow_other_catalogue)
 
     return run_server(loader, cfg, host=a.host, port=a.port, log_level=a.log_level, access_log=a.access_log)
 
@@ -654,6 +703,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
         return sp
 
+    def allow_other(sp):
+        sp.add_argument("--allow-other-catalogue", action="store_true",
+                        help="use artefacts built from another catalogue deliberately (by default a mismatch of "
+                             "the recorded catalogue / ID-table fingerprints is refused; README, 'Guarantees')")
+
     def ignore_unknown(sp):
         sp.add_argument("--ignore-unknown-columns", action="store_true",
                         help="tables:ITEMS:INTERACTIONS: drop columns other than the known ones (README, 'Your own "
@@ -663,6 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--data", required=True, help="dataset SPEC (see `tiger-fast --help`)")
         ignore_unknown(sp)
         sp.add_argument("--ids", required=True, help="ID table Parquet from assign-ids")
+        allow_other(sp)
         if model:
             sp.add_argument("--model", required=True, help="retriever directory from `tiger-fast train`")
         sp.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda"],
@@ -708,9 +763,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bf16 = autocast of the encoder/decoder MLPs (codes and losses stay fp32)")
 
     sp = add("assign-ids", cmd_assign_ids, "assign unique semantic IDs (streaming, resumable) -> ID table Parquet")
+    allow_other(sp)
     sp.add_argument("--rqvae", required=True, help="RQ-VAE directory from train-rqvae")
     sp.add_argument("--embeddings", required=True, help=".npy (memory-mapped) or Parquet with an embedding column")
-    sp.add_argument("--item-ids", default=None, help=".npy of item ids for a .npy source; None = the row index")
+    sp.add_argument("--item-ids", default=None, help=".npy of item ids for a .npy source; None = EMB.ids.npy beside "
+                                                     "--embeddings EMB.npy when it exists (embed writes it), else the row index")
     sp.add_argument("--embedding-column", default="embedding", help="embedding column of a Parquet source")
     sp.add_argument("--id-column", default="item_id", help="item id column of a Parquet source")
     sp.add_argument("--out", required=True, help="output ID table (.parquet)")
@@ -726,6 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("id-report", cmd_id_report, "collisions, max collision depth, usage per level (+ semantic check with --data)")
     sp.add_argument("--ids", required=True, help="ID table Parquet from assign-ids")
+    allow_other(sp)
     sp.add_argument("--data", default=None, help="dataset SPEC, for the leaf-category check (None: no check)")
     ignore_unknown(sp)
     sp.add_argument("--plot", type=_plot_dir, default=None, metavar="DIR",
@@ -736,6 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", required=True, help="dataset SPEC (see `tiger-fast --help`)")
     ignore_unknown(sp)
     sp.add_argument("--ids", required=True, help="ID table Parquet from assign-ids")
+    allow_other(sp)
     sp.add_argument("--out", required=True, help="output directory (OUT/model, OUT/checkpoints)")
     sp.add_argument("--preset", default="cpu",
                     help="training recipe: 'cpu' (chosen on Beauty's validation split for CPU budgets: small T5, "
@@ -816,6 +875,7 @@ def build_parser() -> argparse.ArgumentParser:
     if not issubclass(sp.formatter_class, argparse.ArgumentDefaultsHelpFormatter):
         sp.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     sp.add_argument("--ids", required=True, help="ID table Parquet from assign-ids")
+    allow_other(sp)
     sp.add_argument("--model", required=True, help="retriever directory from `tiger-fast train`")
     sp.add_argument("--data", default=None, help="dataset SPEC: string item/user ids come from it (None: the "
                                                  "ID table's int ids)")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 
 import numpy as np
@@ -146,7 +145,9 @@ class IdTable:
     RQ-VAE codes (assigns the collision codes).
 
     Attributes (read-only views): ``item_ids`` int64 tensor (N,), ``codes`` int64 tensor (N, L+1);
-    row ``i`` of both is item row ``i``.
+    row ``i`` of both is item row ``i``.  ``provenance``: dict of what the table was built from
+    (``{"catalogue": catalogue_fingerprint(...), "rqvae": digest}``, see tiger_fast.provenance;
+    empty when unknown), kept in the Parquet metadata.
     """
 
     def __init__(self, layout: TokenLayout, item_ids, codes):
@@ -157,6 +158,7 @@ class IdTable:
         codes = _int_array(codes, "codes", 2)
         self._radix = self._make_radix(layout)
         self._set(item_ids, codes)
+        self.provenance: dict = {}
 
     # ---- construction helpers ----------------------------------------------------------------
     @classmethod
@@ -417,27 +419,19 @@ class IdTable:
         return ["item_id"] + [f"c{l}" for l in range(self.layout.num_levels)]
 
     def to_parquet(self, path) -> None:
-        """Write columns item_id, c0..c{L} (int64) with the layout as JSON in the schema metadata.
-        Atomic: written to a temporary file in the same directory, then renamed over ``path``."""
+        """Write columns item_id, c0..c{L} (int64) with the layout and the provenance as JSON in the
+        schema metadata.  All-or-nothing (``atomic.write_atomic``): a reader sees the old file or
+        the whole new one."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        from .atomic import write_atomic
+
         path = os.fspath(path)
-        names = self.column_names()
+        schema = id_file_schema(self.layout, self.provenance)
         cols = [pa.array(self._item_ids)] + [pa.array(self._codes[:, l]) for l in range(self._codes.shape[1])]
-        meta = {b"tiger_fast.format": _FORMAT.encode(),
-                b"tiger_fast.layout": json.dumps(self.layout.to_dict()).encode()}
-        table = pa.table(cols, names=names).replace_schema_metadata(meta)
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=d)
-        os.close(fd)
-        try:
-            pq.write_table(table, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        table = pa.Table.from_arrays(cols, schema=schema)
+        write_atomic(path, lambda tmp: pq.write_table(table, tmp), what="ID table")
 
     @classmethod
     def from_parquet(cls, path, layout: TokenLayout | None = None) -> "IdTable":
@@ -474,20 +468,32 @@ class IdTable:
             if not np.issubdtype(arr.dtype, np.integer):
                 raise ValueError(f"{path}: column {c} must be int64, got {t.column(c).type}")
             cols.append(np.array(arr, dtype=np.int64))  # an owned, writable copy
-        return cls(file_layout, cols[0], np.stack(cols[1:], axis=1))
+        table = cls(file_layout, cols[0], np.stack(cols[1:], axis=1))
+        if b"tiger_fast.provenance" in meta:
+            try:
+                prov = json.loads(meta[b"tiger_fast.provenance"].decode())
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"{path}: invalid provenance metadata: {e}") from None
+            if not isinstance(prov, dict):
+                raise ValueError(f"{path}: provenance metadata must be a JSON object")
+            table.provenance = prov
+        return table
 
 
 # ---------------------------------------------------------------------------------------------
 # streaming ID files (tiger_fast.assign, tiger_fast.ray_assign)
 # ---------------------------------------------------------------------------------------------
-def id_file_schema(layout: TokenLayout):
-    """The pyarrow schema of an ID file: int64 columns item_id, c0..c{L}, the format and the
-    layout (JSON) in the schema metadata (what :meth:`IdTable.from_parquet` reads back)."""
+def id_file_schema(layout: TokenLayout, provenance: dict | None = None):
+    """The pyarrow schema of an ID file: int64 columns item_id, c0..c{L}, the format, the layout
+    and (when given) the provenance as JSON in the schema metadata (what
+    :meth:`IdTable.from_parquet` reads back)."""
     import pyarrow as pa
 
     names = ["item_id"] + [f"c{l}" for l in range(layout.num_levels)]
-    return pa.schema([(c, pa.int64()) for c in names]).with_metadata(
-        {b"tiger_fast.format": _FORMAT.encode(), b"tiger_fast.layout": json.dumps(layout.to_dict()).encode()})
+    meta = {b"tiger_fast.format": _FORMAT.encode(), b"tiger_fast.layout": json.dumps(layout.to_dict()).encode()}
+    if provenance:
+        meta[b"tiger_fast.provenance"] = json.dumps(provenance, sort_keys=True).encode()
+    return pa.schema([(c, pa.int64()) for c in names]).with_metadata(meta)
 
 
 class IdRowGroupWriter:
@@ -505,7 +511,7 @@ class IdRowGroupWriter:
 
     def __init__(self, writer, layout: TokenLayout):
         self.writer = writer
-        self.schema = id_file_schema(layout)
+        self.schema = writer.schema  # id_file_schema(layout, provenance) of the file being written
         self.width = layout.num_levels + 1
         self._buf: list[np.ndarray] = []
         self._n = 0

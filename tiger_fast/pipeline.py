@@ -18,6 +18,7 @@ import torch
 
 from .atomic import write_text
 from .layout import TokenLayout
+from .provenance import catalogue_fingerprint, retriever_provenance, rqvae_digest
 
 
 # T5 shapes the CLI (`tiger-fast train --model-size`) and the benchmarks name; overrides of
@@ -120,6 +121,9 @@ def build_semantic_ids(dataset, embeddings, cfg: PipelineConfig, *, layout: Toke
     rqvae, history = train_rqvae(embeddings, rq_cfg, rq_train, progress=progress, log=log)
     codes = rqvae.semantic_codes(embeddings, backend=cfg.backend if cfg.backend in ("auto", "reference") else "auto")
     table = IdTable.from_rq_codes(layout, dataset.item_ids, codes)
+    catalogue = catalogue_fingerprint(dataset)
+    rqvae.provenance = {"catalogue": catalogue}
+    table.provenance = {"catalogue": catalogue, "rqvae": rqvae_digest(rqvae)[:32]}
     return rqvae, table, history
 
 
@@ -145,6 +149,7 @@ def train_tiger(dataset, id_table, cfg: PipelineConfig, *, checkpoint_dir: str |
                          f"has {layout.vocab_size}; it was trained for another TokenLayout")
     else:
         model = init_model
+    model.provenance = retriever_provenance(id_table)  # saved with every checkpoint of it
     splits = leave_one_out(dataset)
     examples = tokenize_split(splits.train, dataset, layout, id_table)
 

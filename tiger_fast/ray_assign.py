@@ -63,9 +63,11 @@ import numpy as np
 import torch
 
 from .assign import EmbeddingSource, ParquetSource, check_block_multiple, file_fingerprint, layout_for_model
+from .atomic import check_target, write_atomic
 from .checks import check_int
 from .ids import ID_ROW_GROUP, IdRowGroupWriter, id_file_schema
 from .layout import TokenLayout
+from .provenance import id_file_provenance
 from .rqvae import ENCODE_BLOCK, RQVAE, RQVAEConfig, load_rqvae
 
 __all__ = ["ParquetShards", "assign_ids_ray", "require_ray"]
@@ -292,7 +294,8 @@ def assign_ids_ray(model_or_path, source, output, *, layout: TokenLayout | None 
                    batch_rows: int = 65536, encode_block: int = ENCODE_BLOCK, partition_rows: int = 4_000_000,
                    embedding_column: str = "embedding", id_column: str | None = "item_id",
                    backend: str = "auto", use_gpu: bool | None = None, cpus_per_worker: float = 1,
-                   max_retries: int = 3, progress: bool = False, _inject_failure=None) -> dict:
+                   max_retries: int = 3, progress: bool = False, allow_other_catalogue: bool = False,
+                   _inject_failure=None) -> dict:
     """Assign semantic IDs to a Parquet embedding dataset with Ray Data; write an ID table.
 
     model_or_path: RQVAE or a ``save_rqvae`` directory (read on the driver, shipped to the
@@ -309,6 +312,7 @@ def assign_ids_ray(model_or_path, source, output, *, layout: TokenLayout | None 
     use_gpu: one GPU per actor (default: when the cluster has GPUs).  max_retries:
     actor restarts / task retries after a worker dies.  ``_inject_failure=(marker_path, unit)``
     is a test hook: the first attempt of work unit ``unit`` kills its worker process.
+    allow_other_catalogue: as in ``assign_ids`` (the output records the same provenance).
     Returns a report dict (the fields of ``assign_ids``' report plus ``workers``, ``units`` and
     ``timing``: seconds of the map, the duplicate-id check and the sort + collision pass + write).
     Raises ValueError on collision overflow, duplicate item ids, NaN/Inf embeddings, a wrong
@@ -335,7 +339,8 @@ def assign_ids_ray(model_or_path, source, output, *, layout: TokenLayout | None 
     if src.num_rows and src.dim != cfg.input_dim:
         raise ValueError(f"embeddings have dimension {src.dim} but the RQ-VAE expects input_dim "
                          f"{cfg.input_dim}; embed with the model the RQ-VAE was trained on")
-    output = os.fspath(output)
+    output = check_target(os.fspath(output), "output")
+    provenance = id_file_provenance(model, source, src.num_rows, allow_other_catalogue)
     n = src.num_rows
     units = [{"unit": u, "start": a, "stop": min(a + batch_rows, n)}
              for u, a in enumerate(range(0, n, batch_rows))]
@@ -354,7 +359,7 @@ def assign_ids_ray(model_or_path, source, output, *, layout: TokenLayout | None 
         if num_workers is None:
             num_workers = gpus if use_gpu else max(1, int(res.get("CPU", 1) // cpus_per_worker))
         num_workers = max(1, min(int(num_workers), max(len(units), 1)))
-        report = _run(ray, model, layout, src, units, output, num_workers=num_workers,
+        report = _run(ray, model, layout, src, units, output, provenance, num_workers=num_workers,
                       encode_block=encode_block, partition_rows=int(partition_rows), backend=backend,
                       use_gpu=bool(use_gpu),
                       cpus_per_worker=cpus_per_worker, max_retries=int(max_retries), progress=progress,
@@ -388,7 +393,7 @@ def _user_error(e: BaseException) -> BaseException | None:
     return ValueError(m.group(1)) if m else None
 
 
-def _run(ray, model: RQVAE, layout: TokenLayout, src: ParquetShards, units, output, *, num_workers,
+def _run(ray, model: RQVAE, layout: TokenLayout, src: ParquetShards, units, output, provenance, *, num_workers,
          encode_block, partition_rows, backend, use_gpu, cpus_per_worker, max_retries, progress,
          inject_failure) -> dict:
     import pyarrow.parquet as pq
@@ -448,15 +453,15 @@ def _run(ray, model: RQVAE, layout: TokenLayout, src: ParquetShards, units, outp
                                  "every item needs exactly one id")
             timing["dup_check_s"] = time.perf_counter() - t0
             sorted_ds = mapped.sort(["key", "item_id"])
-        schema = id_file_schema(layout)
-        d = os.path.dirname(os.path.abspath(output))
-        os.makedirs(d, exist_ok=True)
-        tmp = os.path.join(d, f".tmp-{os.path.basename(output)}-ray-{os.getpid()}")
+        schema = id_file_schema(layout, provenance)
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         used = [np.zeros(k, dtype=bool) for k in sizes]
         rank_count = np.zeros(cs + 1, dtype=np.int64)  # rank_count[r] = groups with > r members
         st = _Stream()
         t0 = time.perf_counter()
-        try:
+
+        def write(tmp):
+            nonlocal rank_count
             with pq.ParquetWriter(tmp, schema) as w:
                 out = IdRowGroupWriter(w, layout)  # the writer assign_ids uses: identical bytes
                 if units:
@@ -496,12 +501,9 @@ def _run(ray, model: RQVAE, layout: TokenLayout, src: ParquetShards, units, outp
                     raise RuntimeError(f"internal error: {st.rows} rows came back from Ray for "
                                        f"{src.num_rows} input rows; no output was written")
                 out.close()
-            os.replace(tmp, output)  # atomic: output is the old file or the complete new one
-            timing["sort_write_s"] = time.perf_counter() - t0
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        # all-or-nothing: output is the old file or the complete new one (atomic.write_atomic)
+        write_atomic(output, write, what="output")
+        timing["sort_write_s"] = time.perf_counter() - t0
     finally:
         ctx.execution_options.preserve_order = old_order
         ctx.enable_progress_bars = old_prog

@@ -233,13 +233,17 @@ def _check_embeddings(x, input_dim: int, name: str = "x") -> torch.Tensor:
 
 
 class RQVAE(nn.Module):
-    """Residual-quantised VAE (see the module docstring).  ``cfg``: RQVAEConfig."""
+    """Residual-quantised VAE (see the module docstring).  ``cfg``: RQVAEConfig.
+
+    ``provenance``: dict of what it was trained on (``{"catalogue": ...}``, tiger_fast.provenance;
+    empty when unknown), saved with the checkpoint."""
 
     def __init__(self, cfg: RQVAEConfig):
         super().__init__()
         if not isinstance(cfg, RQVAEConfig):
             raise TypeError(f"cfg must be an RQVAEConfig, got {type(cfg).__name__}")
         self.cfg = cfg
+        self.provenance: dict = {}
         self.encoder = _mlp([cfg.input_dim, *cfg.hidden_dims, cfg.latent_dim])
         self.decoder = _mlp([cfg.latent_dim, *reversed(cfg.hidden_dims), cfg.input_dim])
         self.codebook = nn.ParameterList(
@@ -530,7 +534,8 @@ def save_rqvae(model: RQVAE, path) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_atomic(os.path.join(path, _WEIGHTS), lambda tmp: save_file(
         state, tmp, metadata={"format": _FORMAT, "config": json.dumps(model.cfg.to_dict())}))
-    write_text(os.path.join(path, _CONFIG), json.dumps({"format": _FORMAT, "config": model.cfg.to_dict()}, indent=2))
+    write_text(os.path.join(path, _CONFIG), json.dumps({"format": _FORMAT, "config": model.cfg.to_dict(),
+                                                        "provenance": model.provenance}, indent=2))
 
 
 # Upper bounds load_rqvae puts on a checkpoint's config before anything is built.
@@ -594,5 +599,7 @@ def load_rqvae(path, device: str = "cpu") -> RQVAE:
         raise ValueError(f"{wpath}: cannot read safetensors weights: {e}") from None
     model = RQVAE(cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()})
+    if isinstance(meta.get("provenance"), dict):
+        model.provenance = meta["provenance"]
     model.eval()
     return model.to(_resolve_device(device))

@@ -635,10 +635,14 @@ class Recommender:
             return {"removed": ext, "catalog_version": snap.version + 1, "num_items": len(trie)}
 
 
-def load_recommender(model_dir, ids_path, *, rqvae_dir=None, dataset=None, cfg: ServeConfig | None = None) -> Recommender:
+def load_recommender(model_dir, ids_path, *, rqvae_dir=None, dataset=None, cfg: ServeConfig | None = None,
+                     allow_other_catalogue: bool = False) -> Recommender:
     """Load a ``tiger-fast train`` retriever directory, an ID table Parquet and (optionally) an
-    RQ-VAE directory -> Recommender.  model_version = sha256 of the checkpoint's files."""
+    RQ-VAE directory -> Recommender.  model_version = sha256 of the checkpoint's files.
+    The artefacts' recorded fingerprints (tiger_fast.provenance) must agree -- retriever vs ID
+    table, ID table vs ``dataset``, RQ-VAE vs ID table -- unless ``allow_other_catalogue``."""
     from .ids import IdTable
+    from .provenance import catalogue_fingerprint, check_same, id_table_digest
     from .rqvae import load_rqvae
     from .t5 import load_t5
 
@@ -657,6 +661,14 @@ def load_recommender(model_dir, ids_path, *, rqvae_dir=None, dataset=None, cfg: 
     if rq is not None and tuple(rq.cfg.codebook_sizes) != tuple(layout.codebook_sizes):
         raise ValueError(f"--rqvae codebook sizes {tuple(rq.cfg.codebook_sizes)} do not match the ID layout's "
                          f"{tuple(layout.codebook_sizes)}")
+    if not allow_other_catalogue:
+        flag = "--allow-other-catalogue"
+        check_same(f"--model {model_dir} vs --ids {ids_path}", model.provenance.get("id_table"), id_table_digest(table), flag)
+        if dataset is not None:
+            check_same(f"--ids {ids_path} vs --data", table.provenance.get("catalogue"), catalogue_fingerprint(dataset), flag)
+        if rq is not None:
+            check_same(f"--rqvae {rqvae_dir} vs --ids {ids_path}", rq.provenance.get("catalogue"),
+                       table.provenance.get("catalogue"), flag)
     return Recommender(model, table, rqvae=rq, dataset=dataset, cfg=cfg, model_version="sha256:" + h.hexdigest()[:16])
 
 

@@ -835,9 +835,11 @@ CHECKPOINT_LIMITS = {"vocab_size": 1 << 24, "d_model": 1 << 15, "num_heads": 1 <
                      "relative_attention_num_buckets": 1 << 12, "relative_attention_max_distance": 1 << 20}
 
 
-def save_t5(model: T5, layout: TokenLayout, path: str) -> None:
+def save_t5(model: T5, layout: TokenLayout, path: str, provenance: dict | None = None) -> None:
     """Save to the directory ``path``: ``model.safetensors`` (weights) and ``config.json``
-    (format tag, T5Config, TokenLayout).  The layout must match the model's vocabulary."""
+    (format tag, T5Config, TokenLayout, provenance).  The layout must match the model's vocabulary.
+    ``provenance``: what it was trained with (``{"id_table": digest, "catalogue": ...}``,
+    tiger_fast.provenance); default: the model's own ``provenance`` attribute, if any."""
     from safetensors.torch import save_file
 
     if not isinstance(model, T5):
@@ -850,7 +852,8 @@ def save_t5(model: T5, layout: TokenLayout, path: str) -> None:
     os.makedirs(path, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     write_atomic(os.path.join(path, "model.safetensors"), lambda p: save_file(tensors, p))
-    meta = {"format": _FORMAT, "t5_config": model.config.to_dict(), "layout": layout.to_dict()}
+    meta = {"format": _FORMAT, "t5_config": model.config.to_dict(), "layout": layout.to_dict(),
+            "provenance": dict(provenance if provenance is not None else getattr(model, "provenance", {}) or {})}
 
     def _w(p):
         with open(p, "w") as f:
@@ -921,4 +924,5 @@ def load_t5(path: str, *, device: str | torch.device = "cpu") -> tuple[T5, Token
     model = T5(cfg)
     model.load_state_dict(sd, strict=True)
     model.layout = layout  # generate() compares the whole layout with the ID table's, not only sizes
+    model.provenance = meta["provenance"] if isinstance(meta.get("provenance"), dict) else {}
     return model.to(device).eval(), layout

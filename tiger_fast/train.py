@@ -341,7 +341,8 @@ def _save_checkpoint(cfg: TrainConfig, model: T5, opt, step: int, history: dict)
     tensors.update(otensors)
     write_atomic(prefix + ".safetensors", lambda p: save_file(tensors, p, metadata={"step": str(step)}))
     meta = {"format": "tiger_fast.train/1", "step": step, "train_config": cfg.to_dict(),
-            "t5_config": model.config.to_dict(), "optimizer": ometa, "history": history}
+            "t5_config": model.config.to_dict(), "optimizer": ometa, "history": history,
+            "provenance": dict(getattr(model, "provenance", {}) or {})}
 
     def _w(p):
         with open(p, "w") as f:
@@ -458,6 +459,12 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
             if T5Config.from_dict(meta["t5_config"]) != model.config:
                 raise ValueError(f"checkpoint {prefix!r} holds a model with config {meta['t5_config']}, "
                                  f"not {model.config.to_dict()}; use a new checkpoint_dir")
+            # a checkpoint of a model trained with another ID table does not continue this run
+            was = (meta.get("provenance") or {}).get("id_table")
+            now = (getattr(model, "provenance", {}) or {}).get("id_table")
+            if was is not None and now is not None and was != now:
+                raise ValueError(f"checkpoint {prefix!r} was trained with another ID table ({was[:12]}, this one is "
+                                 f"{now[:12]}); use a new checkpoint_dir (--out) for this ID table")
             msd = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
             model.load_state_dict(msd, strict=True)
             opt.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
