@@ -355,3 +355,57 @@ def test_generate_compares_the_whole_layout_of_a_loaded_model(tmp_path):
     generate(model, hist, IdTable.from_rq_codes(a, np.arange(40), codes), k=3)  # its own layout: fine
     with pytest.raises(ValueError, match="layout mismatch"):
         generate(model, hist, IdTable.from_rq_codes(b, np.arange(40), codes), k=3)
+
+
+def test_id_table_to_parquet_is_all_or_nothing_and_cleans_kill_9_temps(tmp_path):
+    """IdTable.to_parquet writes through atomic.write_atomic (it had its own temp-and-rename that
+    left a temp file behind after kill -9 and refused nothing): the old table survives a failing
+    write, a temp left by a killed writer is removed by the next write, /dev/null is refused."""
+    from tiger_fast.ids import IdTable
+    from tiger_fast.layout import TokenLayout
+
+    layout = TokenLayout(codebook_sizes=(4, 4), collision_size=3)
+    p = tmp_path / "ids.parquet"
+    old = IdTable(layout, [7, 3, 11], [[0, 1, 0], [2, 3, 0], [0, 1, 1]])
+    old.to_parquet(p)
+    dead = tmp_path / ".ids.parquet.tmp-999999999-0123abcd"  # a temp whose writer (pid) is gone
+    dead.write_bytes(b"half a parquet file")
+    new = IdTable(layout, [5], [[1, 1, 0]])
+    new.to_parquet(p)
+    back = IdTable.from_parquet(p)
+    assert torch.equal(back.item_ids, new.item_ids) and torch.equal(back.codes, new.codes)
+    assert _temps(tmp_path) == []
+
+    class Boom(Exception):
+        pass
+
+    import pyarrow.parquet as pq
+    real = pq.write_table
+
+    def failing(table, where, *a, **k):
+        real(table, where, *a, **k)
+        raise Boom("disk full")
+    pq.write_table = failing
+    try:
+        with pytest.raises(Boom):
+            old.to_parquet(p)
+    finally:
+        pq.write_table = real
+    assert torch.equal(IdTable.from_parquet(p).item_ids, new.item_ids) and _temps(tmp_path) == []
+    with pytest.raises(ValueError, match="character device"):
+        new.to_parquet("/dev/null")
+
+
+@pytest.mark.parametrize("spec", ["synthetic:items=1000000000", "synthetic:items=5,users=999999999999"])
+def test_synthetic_beyond_memory_is_one_clear_error(spec, capsys):
+    """``synthetic:items=1e9`` ran until memory was gone (~1 TB of Python objects); now refused
+    up front with the estimate, in about a second."""
+    import time
+
+    from tiger_fast.cli import main
+
+    t = time.perf_counter()
+    assert main(["embed", "--data", spec, "--out", "/tmp/never-written.npy", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"--data {spec}" in err and "GiB in memory" in err and "synthetic_latents" in err
+    assert time.perf_counter() - t < 30 and not os.path.exists("/tmp/never-written.npy")

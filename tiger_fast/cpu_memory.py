@@ -1,4 +1,5 @@
-"""Opt-in glibc malloc tuning for CPU serving.
+"""Memory of this machine: opt-in glibc malloc tuning for CPU serving, and the free memory that
+upfront request bounds compare with (``available_memory``).
 
 PyTorch's CPU allocator asks malloc for every tensor; glibc serves blocks above its mmap threshold
 (at most 32 MB) with fresh ``mmap`` pages and returns them to the OS on free, so every large
@@ -19,7 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
-__all__ = ["retain_freed_memory"]
+__all__ = ["retain_freed_memory", "available_memory"]
 
 # glibc <malloc.h>
 _M_TRIM_THRESHOLD = -1
@@ -41,3 +42,21 @@ def retain_freed_memory() -> bool:
     ok_mmap = mallopt(_M_MMAP_MAX, 0) == 1
     ok_trim = mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
     return ok_mmap and ok_trim
+
+
+def available_memory(device) -> int | None:
+    """Bytes free for a request on ``device``: CUDA's free memory, or Linux's MemAvailable for the
+    CPU; None when unknown (no check then)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -35,6 +35,7 @@ import torch
 
 from .backends import choose_backend, load_extension
 from .checks import check_int
+from .cpu_memory import available_memory
 from .decoding import check_model, encoder_batch, make_stepper, model_device
 from .layout import TokenLayout
 from .precision import check_precision, prepare_model
@@ -336,22 +337,6 @@ def _exit_eval(model, borrowed: bool) -> None:
         if st[0] == 0:
             del _BORROWED[id(model)]
             model.train(True)
-
-
-def available_memory(device) -> int | None:
-    """Bytes free for a request on ``device``: CUDA's free memory, or Linux's MemAvailable for the
-    CPU; None when unknown (no check then)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def request_memory(model, R: int, S: int, num_beams: int, L: int) -> int:

@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from .checks import check_int
+from .cpu_memory import available_memory
 from .data import Dataset
 
 __all__ = ["SyntheticConfig", "synthetic_dataset", "synthetic_latents", "iter_synthetic_latents"]
@@ -103,6 +104,9 @@ def _syn_names(cfg: SyntheticConfig):
     return tops, mids, kws, leaves
 
 
+SYNTHETIC_BYTES_PER_ROW = 1200  # memory per item + user of synthetic_dataset (measured 1,092 B)
+
+
 def synthetic_dataset(num_items: int = 2000, num_users: int = 3000, seed: int = 0,
                       config: SyntheticConfig | None = None, **overrides) -> Dataset:
     """A deterministic synthetic catalogue and user sequences (same arguments -> same dataset).
@@ -130,6 +134,15 @@ def synthetic_dataset(num_items: int = 2000, num_users: int = 3000, seed: int = 
             raise ValueError(f"synthetic_dataset: {k} must be a positive int, got {v!r}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"synthetic_dataset: seed must be a non-negative int, got {seed!r}")
+    # Every item and user is a Python object (~1.1 KB per item + user, measured at 200k each): a
+    # billion items would need ~1 TB and hours; refuse up front instead of exhausting memory.
+    need = SYNTHETIC_BYTES_PER_ROW * (int(num_items) + int(num_users))
+    have = available_memory("cpu")
+    if have is not None and need > have // 2:
+        raise ValueError(f"synthetic_dataset: num_items={num_items:,} and num_users={num_users:,} need about "
+                         f"{need / 2**30:,.1f} GiB in memory, more than half of the {have / 2**30:,.1f} GiB available; "
+                         "use fewer items, or synthetic_latents / iter_synthetic_latents for billion-row "
+                         "quantization tests (benchmarks/bench_assign_stream.py)")
     if min(cfg.num_top, cfg.num_mid, cfg.num_leaf) < 1:
         raise ValueError("synthetic_dataset: num_top, num_mid, num_leaf must be >= 1")
     if not 1 <= cfg.min_len <= cfg.max_len:
