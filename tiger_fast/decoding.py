@@ -140,14 +140,17 @@ def _history_tokens(id_table, history, max_items):
     return id_table.tokens_of(torch.as_tensor(history[-max_items:], dtype=torch.int64)).reshape(-1).tolist()
 
 
-def encoder_batch(layout, id_table, histories, user_ids, max_history: int = 20, device=None):
+def encoder_batch(layout, id_table, histories, user_ids, max_history: int = 20, device=None,
+                  fixed_length: bool = False):
     """Right-padded encoder inputs of a batch of requests (pad_id, attention mask).
 
     histories: R non-empty 1-D sequences of external item ids (oldest first; every id must be in
     ``id_table``); user_ids: None (no user token) or R user ids (int/str, hashed to the layout's
     user tokens); the last ``max_history`` items are used.  Returns input_ids int64 (R, S) and
-    attention_mask bool (R, S) on ``device`` (default CPU), S = the longest input.
-    Bad input raises ValueError naming the argument.
+    attention_mask bool (R, S) on ``device`` (default CPU), S = the longest input, or with
+    ``fixed_length`` the longest any request can be (``max_history * num_levels``, + 1 with user
+    tokens): then a request's encoder input does not depend on the other requests of the batch
+    (``generate(batch_invariant=True)``).  Bad input raises ValueError naming the argument.
     """
     if isinstance(histories, torch.Tensor) and histories.dim() == 2:
         histories = list(histories)
@@ -183,6 +186,11 @@ def encoder_batch(layout, id_table, histories, user_ids, max_history: int = 20, 
         else:
             seqs.append(_history_tokens(id_table, h.tolist(), max_history))
     ids, mask = collate(seqs, pad_id=layout.pad_id)
+    if fixed_length:
+        extra = max_history * layout.num_levels + (user_ids is not None) - ids.shape[1]
+        if extra > 0:  # masked pad columns: the same width for every batch
+            ids = torch.cat([ids, torch.full((R, extra), layout.pad_id, dtype=ids.dtype)], dim=1)
+            mask = torch.cat([mask, torch.zeros((R, extra), dtype=mask.dtype)], dim=1)
     if device is None:
         return ids, mask
     return ids.to(device), mask.to(device)

@@ -199,7 +199,8 @@ def _selector(backend: str, device: torch.device):
 # ---- public entry point ----------------------------------------------------------------------------
 def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beams: int | None = None,
              temperature=None, seed: int = 0, row_keys=None, backend: str = "auto", trie: Trie | None = None,
-             max_history: int = 20, eos: bool = True, precision: str = "fp32") -> GenerateResult:
+             max_history: int = 20, eos: bool = True, precision: str = "fp32",
+             batch_invariant: bool = True) -> GenerateResult:
     """Top-k items per request with trie-constrained decoding.
 
     model: ``tiger_fast.t5.T5`` or HF ``T5ForConditionalGeneration`` whose vocabulary is
@@ -230,6 +231,11 @@ def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beam
         hides items without touching the table); default: built from ``id_table`` on every call.
     eos: whether the model's targets end with eos (the T5 convention, default): rank by
         log p(ID) + log p(eos | ID).
+    batch_invariant: a request's IDs, order and scores do not depend on the other requests of the
+        call, bit for bit (tiger_fast.t5.T5, fp32 / bf16, CPU; the contract in docs/contracts.md):
+        the encoder input is padded to the longest any request can be and short products to
+        whole ``t5.GEMM_ROW_TILE`` row tiles.  False pads to the batch's longest input only (a little less
+        encoder work for short histories; scores then vary in the last bits with the batch).
     Returns GenerateResult (item_ids int64 (R, k), codes int64 (R, k, L), scores float32 (R, k),
     rows int64 (R, k)).
     """
@@ -254,6 +260,8 @@ def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beam
         raise ValueError(f"seed must be an int in [0, 2^64), got {seed!r}")
     if not isinstance(eos, bool):
         raise TypeError(f"eos must be a bool, got {type(eos).__name__}")
+    if not isinstance(batch_invariant, bool):
+        raise TypeError(f"batch_invariant must be a bool, got {type(batch_invariant).__name__}")
     if trie is None:
         trie = Trie.from_id_table(id_table)
     elif not isinstance(trie, Trie):
@@ -271,7 +279,8 @@ def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beam
     device = model_device(model)
     check_precision(model, precision, device)
     run_model, precision_ctx = prepare_model(model, precision, device)
-    ids, mask = encoder_batch(layout, id_table, histories, user_ids, max_history, device)
+    ids, mask = encoder_batch(layout, id_table, histories, user_ids, max_history, device,
+                              fixed_length=batch_invariant)
     R = ids.shape[0]
     check_request_memory(model, R, ids.shape[1], num_beams, L, device)
     if row_keys is None:

@@ -301,9 +301,38 @@ class _Int8Matrix:
         return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self.packed)
 
 
+# Short products round differently from the same rows inside a larger product: measured on the
+# development CPU (MKL sgemm), 1-3 rows on one thread and 1-3, 5-7, 9-11 rows on two (the threads
+# split the rows, leaving short row tails) differ in the last bits, while every row count that is
+# a multiple of 8, and every count from 12 to 2,600, agrees bit for bit.  So products of fewer than
+# 4 * GEMM_ROW_TILE rows are zero-padded to a multiple of GEMM_ROW_TILE: a request's decode then
+# does not depend on how many other requests share the batch (generate(batch_invariant=True),
+# tests/test_generate.py::test_generate_is_batch_invariant).
+GEMM_ROW_TILE = 8
+
+
 def _mm(x: torch.Tensor, w) -> torch.Tensor:
-    """x (..., in) @ w (in, out): a float matrix or an `_Int8Matrix`."""
+    """x (..., in) @ w (in, out): a float matrix or an `_Int8Matrix`; short products padded to
+    whole row tiles (see GEMM_ROW_TILE; the result is sliced back)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows % GEMM_ROW_TILE and rows < 4 * GEMM_ROW_TILE:
+        flat = x.reshape(rows, x.shape[-1])
+        pad = GEMM_ROW_TILE - rows % GEMM_ROW_TILE
+        out = _mm(torch.cat([flat, flat.new_zeros(pad, x.shape[-1])]), w)[:rows]
+        return out.reshape(*x.shape[:-1], out.shape[-1])
     return w(x) if isinstance(w, _Int8Matrix) else torch.matmul(x, w)
+
+
+def _cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T + bias) v for q (R, h, G, dk) against one request's k/v (R, h, S, dk).  With
+    fewer than GEMM_ROW_TILE queries (the first decoder step has one) CPU SDPA on two threads
+    rounds a request's result differently for other batch sizes (measured; from 8 queries on it
+    agrees): the queries are zero-padded to GEMM_ROW_TILE and the extra rows dropped."""
+    g = q.shape[2]
+    if g < GEMM_ROW_TILE:
+        q = torch.cat([q, q.new_zeros(q.shape[0], q.shape[1], GEMM_ROW_TILE - g, q.shape[3])], dim=2)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)[:, :, :g]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -634,8 +663,7 @@ class T5(nn.Module):
             c = blk.cross_attn
             # a request's G rows are G queries against its one copy of the encoder K/V
             q = _mm(blk.cross_norm(x), w["cross_q"]).view(R, G, c.h, c.dk).transpose(1, 2)  # (R, h, G, dk)
-            out = F.scaled_dot_product_attention(q, cache.cross_kv[i, 0], cache.cross_kv[i, 1],
-                                                 attn_mask=cache.enc_bias.to(q.dtype), scale=1.0)
+            out = _cross_attention(q, cache.cross_kv[i, 0], cache.cross_kv[i, 1], cache.enc_bias.to(q.dtype))
             x = x + _mm(out.transpose(1, 2).reshape(n, -1), w["cross_o"])
             x = x + _mm(torch.relu_(_mm(blk.ff_norm(x), w["wi"])), w["wo"])
         cache.length = t + 1
