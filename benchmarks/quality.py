@@ -30,6 +30,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from dataclasses import asdict
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -116,6 +117,7 @@ def main(argv=None):
     except (TypeError, ValueError) as e:
         raise SystemExit(f"--preset/--set: {e}") from None
     out: dict = {"benchmark": "quality", "data": a.data, "preset": a.preset, "overrides": overrides,
+                 "config": {k: v for k, v in asdict(cfg).items() if k != "cache_dir"},  # what actually ran
                  "budget_min": a.budget_min, "threads_per_model": a.threads, "split": a.split,
                  "loadavg_start": os.getloadavg()}
 

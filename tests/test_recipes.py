@@ -27,6 +27,28 @@ def test_recipes_build_valid_configs():
     assert model_preset("paper") == {}
 
 
+def test_cpu_recipe_trains_without_dropout_whatever_the_model_shape(tmp_path):
+    """The validation ablation's winner (dropout 0) is the cpu recipe's, also when --model-size or
+    --layers replace the shape; --dropout sets it; the paper recipe keeps T5's 0.1."""
+    import json
+
+    assert recipe("cpu").dropout == 0.0 and recipe("paper").dropout is None
+    args = ["train", "--data", "synthetic:items=60,users=80", "--steps", "2", "--eval-users", "0", "--quiet"]
+    assert main(["embed", "--data", "synthetic:items=60,users=80", "--out", str(tmp_path / "e.npy"), "--quiet"]) == 0
+    assert main(["train-rqvae", "--embeddings", str(tmp_path / "e.npy"), "--out", str(tmp_path / "rq"), "--epochs",
+                 "2", "--codebook-sizes", "8,8,8", "--quiet"]) == 0
+    assert main(["assign-ids", "--rqvae", str(tmp_path / "rq"), "--embeddings", str(tmp_path / "e.npy"), "--out",
+                 str(tmp_path / "ids.parquet"), "--quiet"]) == 0
+    args += ["--ids", str(tmp_path / "ids.parquet")]
+    for extra, want in (([], 0.0), (["--model-size", "small", "--layers", "1"], 0.0), (["--dropout", "0.25"], 0.25),
+                        (["--preset", "paper", "--layers", "1"], 0.1)):
+        out = tmp_path / f"r{len(extra)}{want}"
+        assert main(args + ["--out", str(out)] + extra) == 0
+        with open(out / "model" / "config.json") as f:
+            assert json.load(f)["t5_config"]["dropout"] == want, extra
+    assert main(args + ["--out", str(tmp_path / "bad"), "--dropout", "1.0"]) == 2
+
+
 @pytest.mark.parametrize("call", [lambda: recipe("fastest"), lambda: model_preset("huge")], ids=["recipe", "model"])
 def test_unknown_preset_is_one_clear_error(call):
     with pytest.raises(ValueError, match="choose one of"):

@@ -469,6 +469,8 @@ def cmd_train(a):
 
     if a.preset not in RECIPES:
         raise CliError(f"--preset: unknown preset {a.preset!r}; choose one of {', '.join(sorted(RECIPES))}")
+    if a.dropout is not None and not 0.0 <= a.dropout < 1.0:
+        raise CliError(f"--dropout must be in [0, 1), got {a.dropout}")
     if a.time_budget is not None and a.time_budget <= 0:
         raise CliError(f"--time-budget must be > 0 seconds, got {a.time_budget}")
     if a.threads is not None:
@@ -483,6 +485,7 @@ def cmd_train(a):
              "warmup_steps": a.warmup, "eval_every": a.eval_every, "eval_users": a.eval_users,
              "length_buckets": a.length_buckets, "schedule": a.schedule, "weight_decay": a.weight_decay,
              "label_smoothing": a.label_smoothing, "precision": a.precision, "patience": a.patience,
+             "dropout": a.dropout,
              "eval_every_s": None if a.eval_every_min is None else a.eval_every_min * 60}
     cfg = recipe(a.preset, seed=a.seed, backend=a.backend, device=device,
                  **{k: v for k, v in given.items() if v is not None})
@@ -814,6 +817,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--schedule", default=None, choices=["cosine", "rsqrt"], help="None = the preset's")
     sp.add_argument("--weight-decay", type=float, default=None, help="None = the preset's")
     sp.add_argument("--label-smoothing", type=float, default=None, help="None = the preset's (0)")
+    sp.add_argument("--dropout", type=float, default=None, help="T5 dropout in [0, 1); None = the preset's "
+                                                               "(cpu: 0, paper: 0.1)")
     sp.add_argument("--layers", type=int, default=None, help="encoder and decoder layers (paper: 4)")
     sp.add_argument("--eval-every", type=int, default=None, help="validate every N steps; None = the preset's")
     sp.add_argument("--eval-every-min", type=float, default=None,

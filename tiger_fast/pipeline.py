@@ -50,7 +50,8 @@ class PipelineConfig:
     length_buckets: TrainConfig.length_buckets (0 = uniform random batches);
     device: where the retriever trains ("cpu", "cuda", "cuda:1");
     schedule / weight_decay / label_smoothing / precision / eval_every_s / patience: the
-    TrainConfig fields of the same names (see tiger_fast.train)."""
+    TrainConfig fields of the same names (see tiger_fast.train); dropout: the T5's dropout
+    (None = ``t5``'s, else T5Config's 0.1), kept when the model shape changes."""
     seed: int = 0
     rq_epochs: int = 50
     rq_lr: float = 1e-3
@@ -73,6 +74,7 @@ class PipelineConfig:
     precision: str = "fp32"
     eval_every_s: float | None = None
     patience: int | None = None
+    dropout: float | None = None
 
 
 # Training recipes by name (`tiger-fast train --preset`, benchmarks/quality.py --preset): fields
@@ -85,6 +87,9 @@ RECIPES = {
               "schedule": "rsqrt", "weight_decay": 0.01, "length_buckets": 0},
     "cpu": {"t5": MODEL_PRESETS["small"], "batch_size": 128, "lr": 0.003, "warmup_steps": 500,
             "steps": 10_000_000, "schedule": "cosine", "weight_decay": 0.035, "length_buckets": 64,
+            # no dropout: at equal wall time on Beauty validation 0.0 / 0.1 / 0.2 gave Recall@10
+            # 0.047 / 0.035 / 0.019 (benchmarks/results/ablations_beauty_valid_quiet.json)
+            "dropout": 0.0,
             # patience 6 x 5 min and 4,000 users: with 2,000 users and patience 4 the Beauty run
             # stopped at 85 of 103 minutes on validation noise (SE of Recall@10 ~0.005)
             "eval_every": 10_000_000, "eval_every_s": 300.0, "patience": 6, "eval_users": 4000},
@@ -141,7 +146,8 @@ def train_tiger(dataset, id_table, cfg: PipelineConfig, *, checkpoint_dir: str |
 
     layout = id_table.layout
     if init_model is None:
-        model = T5(paper_config(layout, **cfg.t5), seed=cfg.seed)
+        shape = {**cfg.t5, **({} if cfg.dropout is None else {"dropout": cfg.dropout})}
+        model = T5(paper_config(layout, **shape), seed=cfg.seed)
     elif not isinstance(init_model, T5):
         raise TypeError(f"init_model must be a tiger_fast.t5.T5, got {type(init_model).__name__}")
     elif init_model.config.vocab_size != layout.vocab_size:
