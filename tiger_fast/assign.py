@@ -402,7 +402,7 @@ def assign_ids(model, source, output, *, layout: TokenLayout | None = None, ids=
                          f"{cfg.input_dim}; embed with the model the RQ-VAE was trained on")
     output = check_target(os.fspath(output), "output")
     model_digest = rqvae_digest(model)
-    provenance = id_file_provenance(model, source, src.num_rows, allow_other_catalogue)
+    provenance = id_file_provenance(model, source, src.num_rows, allow_other_catalogue, model_digest)
     work_dir = os.fspath(work_dir) if work_dir is not None else output + ".work"
     prefix_space = 1
     for k in cfg.codebook_sizes:

@@ -61,18 +61,20 @@ def rqvae_digest(model) -> str:
     return h.hexdigest()
 
 
-def id_file_provenance(model, source, rows: int, allow_other_catalogue: bool) -> dict:
+def id_file_provenance(model, source, rows: int, allow_other_catalogue: bool, model_digest: str | None = None) -> dict:
     """The provenance an ID file made by ``model`` (RQVAE) from ``source`` (embeddings path or an
     EmbeddingSource object) records: ``{"rqvae": digest, "catalogue": ...}`` (the catalogue when
     the embeddings' sidecar names one).  Refuses (ValueError) a model trained on another catalogue's
-    embeddings unless ``allow_other_catalogue``."""
+    embeddings unless ``allow_other_catalogue``.  ``model_digest``: ``rqvae_digest(model)`` when the
+    caller has it already (hashing every weight is not free)."""
     path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
     catalogue = ((read_sidecar(path, rows=rows) if path else None) or {}).get("catalogue")
     if not allow_other_catalogue:
         check_same(f"the RQ-VAE vs the embeddings {path or ''}".rstrip(),
                    (getattr(model, "provenance", None) or {}).get("catalogue"), catalogue,
                    "allow_other_catalogue=True (CLI: --allow-other-catalogue)")
-    return {"rqvae": rqvae_digest(model)[:_DIGITS], **({"catalogue": catalogue} if catalogue else {})}
+    digest = model_digest or rqvae_digest(model)
+    return {"rqvae": digest[:_DIGITS], **({"catalogue": catalogue} if catalogue else {})}
 
 
 def retriever_provenance(table) -> dict:
