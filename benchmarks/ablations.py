@@ -20,6 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tiger_fast.atomic import write_json  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -76,9 +77,8 @@ def main(argv=None):
         dr, dn = r["recall@10_vs_base"], r["ndcg@10_vs_base"]
         print(f"{r['name']:<16}{r['recall@10']:>9.4f}{r['ndcg@10']:>9.4f}"
               f"{dr['mean']:>+12.4f} ± {dr['se']:.4f}{dn['mean']:>+12.4f} ± {dn['se']:.4f}{r['epochs']:>8.1f}")
-    with open(a.json, "w") as f:
-        json.dump({"benchmark": "ablations", "data": a.data, "preset": a.preset, "budget_min": a.budget_min,
-                   "split": "valid", "rows": rows}, f, indent=2)
+    write_json(a.json, {"benchmark": "ablations", "data": a.data, "preset": a.preset, "budget_min": a.budget_min,
+                        "split": "valid", "rows": rows})
 
 
 if __name__ == "__main__":

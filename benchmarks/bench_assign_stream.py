@@ -54,6 +54,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from tiger_fast.atomic import write_json  # noqa: E402
 
 DIM = 32
 # One Gaussian blob (clusters=1) of unit noise: with an *untrained* RQ-VAE, 256 tight clusters give
@@ -320,8 +321,7 @@ def main(argv=None):
               f"{u['peak_rss_mb']:.0f} MB; byte-identical to the killed+resumed output: {res['identical']}",
               flush=True)
     res["total_s"] = time.perf_counter() - t_all
-    with open(a.json, "w") as f:
-        json.dump(res, f, indent=1)
+    write_json(a.json, res, indent=1)
     print(json.dumps({k: v for k, v in res.items() if k in ("n", "identical")}), flush=True)
     if a.cleanup:
         for name in ("latents.npy", "latents.npy.done", "rqvae", "killed", "run", "uninterrupted"):

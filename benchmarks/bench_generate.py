@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tiger_fast.atomic import write_json  # noqa: E402
 
 from tiger_fast.layout import TokenLayout  # noqa: E402
 from tiger_fast.reference import generate as ref  # noqa: E402
@@ -488,9 +489,7 @@ def main(argv=None):
     if not args.skip_e2e:
         out["end_to_end"] = end_to_end(args, layout, table, trie)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2, default=float)
+        write_json(args.json, out)
     return out
 
 

@@ -18,7 +18,6 @@ The report also gives our throughput as a fraction of an estimated fp32 peak of 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tiger_fast.atomic import write_json  # noqa: E402
 
 from tiger_fast.quantize import quantize  # noqa: E402
 from tiger_fast.reference.quantize import exact_argmin  # noqa: E402
@@ -202,9 +202,7 @@ def main(argv=None):
     for n in notes:
         print("  note: " + n)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, report)
     return report
 
 

@@ -30,6 +30,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from tiger_fast.atomic import write_text  # noqa: E402
 
 
 def make_data(d: str, n: int, shards: int, dim: int, seed: int):
@@ -123,8 +124,7 @@ def main(argv=None):
     s = json.dumps(res, indent=1)
     print(s)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(s + "\n")
+        write_text(args.out, s + "\n")
     return res
 
 

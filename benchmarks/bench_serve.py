@@ -30,6 +30,7 @@ import tempfile
 import time
 
 import numpy as np
+from tiger_fast.atomic import write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -287,9 +288,7 @@ def main(argv=None) -> int:
         head[mode] = {"max_rate_served": max(ok) if ok else None, "first_rate_not_served": knee,
                       "best_achieved_rps": max(r["achieved_rps"] for r in rows) if rows else None}
     report["headline"] = head
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(a.out, report)
     title = (f"tiger-fast serve, T5 d_model {report['model']['d_model']}, k={a.k}, {os.cpu_count()} CPUs "
              f"(load avg {report['machine']['loadavg_start'][0]:.1f} at start), client on the same machine")
     png = plot(report["results"], a.plot, a.slo_ms, title) if a.plot else None

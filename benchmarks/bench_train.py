@@ -21,6 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tiger_fast.atomic import write_json  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -108,9 +109,7 @@ def main(argv=None):
     print("speed-up vs", settings[0], ":", [f"{x:.2f}" for x in out["speedup_vs_first"]],
           "loadavg", out["loadavg_start"], out["loadavg_end"])
     if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=2)
+        write_json(a.json, out)
 
 
 def rqvae_runs(precisions, epochs: int, repeat: int) -> list[dict]:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tiger_fast.atomic import write_json  # noqa: E402
 
 
 def per_user_metrics(rankings: torch.Tensor, targets: torch.Tensor, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -125,9 +126,7 @@ def main(argv=None):
            "loadavg": list(os.getloadavg()), **parity(model, ds, table, a.precisions, max_users=a.max_users)}
     print(json.dumps(res, indent=2))
     if a.json:
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(a.json, res)
     return res
 
 

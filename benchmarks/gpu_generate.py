@@ -41,9 +41,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tiger_fast.atomic import write_json  # noqa: E402
 
 from bench_generate import make_catalogue  # noqa: E402
-from tiger_fast.layout import TokenLayout  # noqa: E402
 from tiger_fast.precision import int8_unavailable_reason  # noqa: E402
 
 ANCHOR_MS_PER_STEP = 0.033  # arXiv 2602.22647: per-step constraint + selection overhead
@@ -384,9 +384,7 @@ def main(argv=None):
             out["end_to_end"] = end_to_end(layout, table, trie, device, args.batches, args.reps, args.precisions)
     print(json.dumps(out, indent=2, default=float))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2, default=float)
+        write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ rounding bound), else flagged and finished outside the kernel.  fp32 non-tensor 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -234,9 +233,9 @@ def main(argv=None):
               flush=True)
     result["ok"] = all(v["sample_mismatching_rows"] == 0 for v in result["precisions"].values())
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        from tiger_fast.atomic import write_json  # after the sys.path set-up above
+
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     if not result["ok"]:
         sys.exit("gpu_quantize: MISMATCH against the reference")

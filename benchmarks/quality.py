@@ -33,6 +33,7 @@ import time
 from dataclasses import asdict
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tiger_fast.atomic import write_json  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -59,9 +60,7 @@ def _sasrec_child(spec: str, budget_s: float, threads: int, seed: int, eval_ever
     train_s = time.perf_counter() - t0
     res = evaluate_sasrec(model, ds, split=split)
     out = {"metrics": _metrics(res), "train_s": train_s, "history": hist}
-    with open(out_path + ".tmp", "w") as f:
-        json.dump(out, f, default=str)
-    os.replace(out_path + ".tmp", out_path)
+    write_json(out_path, out, indent=None)
 
 
 def _parse_set(items) -> dict:
@@ -126,10 +125,7 @@ def main(argv=None):
 
     def save():
         out["wall_s"] = time.perf_counter() - t_start
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json + ".tmp", "w") as f:
-            json.dump(out, f, indent=2, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x))
-        os.replace(a.json + ".tmp", a.json)
+        write_json(a.json, out)
 
     ds = load_dataset_spec(a.data)
     out["dataset"] = ds.summary()

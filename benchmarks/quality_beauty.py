@@ -32,6 +32,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tiger_fast.atomic import write_json  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -94,11 +95,7 @@ def main(argv=None):
 
     def save():
         out["wall_s"] = time.perf_counter() - t0
-        tmp = a.json + ".tmp"
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=2, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x))
-        os.replace(tmp, a.json)
+        write_json(a.json, out)
 
     def say(msg):
         print(f"[{time.perf_counter() - t0:7.0f} s] {msg}", flush=True)

@@ -19,12 +19,12 @@ the (c0, c1, c2) prefixes a single valid c3 (README), which is why the claim cou
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tiger_fast.atomic import write_json  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -78,11 +78,7 @@ def main(argv=None):
             print(f"   {c['per_level']} vs {c['uniform_high']}: Recall@10 {d['mean']:+.4f} ± {d['se']:.4f}; "
                   f"entropy vs T=1 {e['mean']:+.3f} ± {e['se']:.3f}; claim holds: "
                   f"{c['more_entropy_than_T1'] and c['less_recall_loss_than_uniform_high']}", flush=True)
-        tmp = a.json + ".tmp"
-        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=2, default=lambda x: x.tolist() if hasattr(x, "tolist") else str(x))
-        os.replace(tmp, a.json)
+        write_json(a.json, out)
     print(f"popularity Recall@10 {pop['recall@10']:.4f}; wrote {a.json}")
 
 

@@ -1,6 +1,7 @@
 """The `tiger-fast` CLI end to end on a tiny synthetic catalogue, plus its bad-input errors."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -71,7 +72,17 @@ def test_pipeline_commands_end_to_end(tmp_path, capsys):
     assert main(["evaluate", "--data", data, "--ids", ids, "--model", out, "--max-users", "20", "--popularity",
                  "--quiet"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert 0.0 <= res["tiger"]["recall@10"] <= 1.0 and "popularity" in res
+    # the CLI's numbers are the Python API's on the same 20 users (seed 0), to the last bit
+    from tiger_fast.cli import load_dataset_spec
+    from tiger_fast.evaluate import evaluate_popularity, evaluate_retriever
+    from tiger_fast.ids import IdTable
+    from tiger_fast.t5 import load_t5
+
+    ds, table = load_dataset_spec(data), IdTable.from_parquet(ids)
+    api = evaluate_retriever(load_t5(os.path.join(out, "model"))[0], ds, table, split="test", k=10, max_users=20, seed=0)
+    assert res["tiger"]["num_examples"] == api["num_examples"] == 20
+    assert res["tiger"]["recall@10"] == api["recall@10"] and res["tiger"]["ndcg@10"] == api["ndcg@10"]
+    assert res["popularity"]["recall@10"] == evaluate_popularity(ds, split="test", max_users=20, seed=0)["recall@10"]
     assert main(["recommend", "--data", data, "--ids", ids, "--model", out, "--user", "0", "--k", "5",
                  "--temperature", "2,2,0.5,0.5"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith(("1.", "5."))]
@@ -86,3 +97,16 @@ def test_pipeline_commands_end_to_end(tmp_path, capsys):
     # unknown user: a clear error, not a traceback
     assert main(["recommend", "--data", data, "--ids", ids, "--model", out, "--user", "99999"]) == 2
     assert "error: --user 99999" in capsys.readouterr().err
+
+
+# Not in test_plots.py, which is skipped without matplotlib: this must run exactly there.
+def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(SystemExit) as e:
+        main(["id-report", "--ids", "x.parquet", "--plot", str(tmp_path / "p")])
+    assert e.value.code == 2
+    assert "tiger_fast[plot]" in capsys.readouterr().err
+    from tiger_fast.plots import plot_learning_curves
+
+    with pytest.raises(ImportError, match=r"tiger_fast\[plot\]"):
+        plot_learning_curves({"a": [(1, 0.1)]}, tmp_path / "x.png")

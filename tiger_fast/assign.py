@@ -65,7 +65,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -74,7 +73,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .atomic import check_target, clean_stale_temps, fsync_dir, temp_name, write_atomic
+from .atomic import check_target, clean_stale_temps, fsync_dir, temp_name, temp_owner, write_atomic
+from .checks import check_int
 from .ids import IdRowGroupWriter, id_file_schema
 from .provenance import id_file_provenance, rqvae_digest
 from .layout import TokenLayout
@@ -86,7 +86,6 @@ __all__ = ["assign_ids", "EmbeddingSource", "ParquetSource", "open_source", "fil
 _MANIFEST_FORMAT = "tiger_fast.assign/1"
 _LOCK = "lock"  # work_dir/lock: fcntl lock held by every run using the work dir
 _FINGERPRINT = "fingerprint"  # in every chunk / partition directory: the run that wrote it
-_TEMP_NAME = re.compile(r"^\.(.+)\.tmp-\d+-[0-9a-f]{8}$")  # atomic.temp_name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,8 +387,7 @@ def assign_ids(model, source, output, *, layout: TokenLayout | None = None, ids=
     cfg = model.cfg
     layout = layout_for_model(model, layout)
     chunk_size, encode_block = check_block_multiple(chunk_size, encode_block, "chunk_size")
-    if int(partition_rows) < 1:
-        raise ValueError(f"partition_rows must be >= 1, got {partition_rows}")
+    partition_rows = check_int(partition_rows, "partition_rows")
     if worker is not None:
         if (not isinstance(worker, (tuple, list)) or len(worker) != 2 or int(worker[1]) < 1
                 or not 0 <= int(worker[0]) < int(worker[1])):
@@ -543,9 +541,9 @@ def _open_work_dir(work_dir: str, manifest: dict, restart: bool, exclusive: bool
                              "pass restart=True (CLI: --restart) to discard it, or use another work_dir")
         for sub in ("map", "reduce"):
             for e in os.listdir(os.path.join(work_dir, sub)):
-                m = _TEMP_NAME.match(e)
-                if m:
-                    clean_stale_temps(os.path.join(work_dir, sub, m.group(1)))
+                owner = temp_owner(e)
+                if owner:
+                    clean_stale_temps(os.path.join(work_dir, sub, owner))
         return fd, fingerprint
     raise ValueError(f"work_dir {work_dir} keeps being removed by another run; rerun when it has finished")
 

@@ -14,13 +14,14 @@ link is followed: the file it points to is replaced, the link itself is kept.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
 from typing import Callable
 
-__all__ = ["write_atomic", "write_bytes", "write_text", "write_npy", "check_target", "clean_stale_temps",
-           "fsync_dir", "temp_name"]
+__all__ = ["write_atomic", "write_bytes", "write_text", "write_json", "write_npy", "jsonable", "check_target",
+           "clean_stale_temps", "fsync_dir", "temp_name", "temp_owner"]
 
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
 
@@ -52,6 +53,13 @@ def temp_name(path: str) -> str:
     """A fresh temporary name next to ``path``: ``DIR/.NAME.tmp-PID-RANDOM``."""
     d, name = os.path.split(os.path.abspath(path))
     return os.path.join(d, f".{name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+
+
+def temp_owner(name: str) -> str | None:
+    """The file name a temporary of ``temp_name`` belongs to (``NAME`` of ``.NAME.tmp-PID-RANDOM``),
+    or None when ``name`` is not such a temporary."""
+    m = _TEMP_RE.match(name)
+    return m.group("name") if m else None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -152,6 +160,18 @@ def write_bytes(path, data: bytes, *, what: str = "output") -> str:
 def write_text(path, text: str, *, what: str = "output") -> str:
     """``write_atomic`` for a text payload (UTF-8)."""
     return write_bytes(path, text.encode("utf-8"), what=what)
+
+
+def jsonable(x):
+    """``json.dump(default=...)`` hook: tensors and arrays as lists, NumPy scalars as numbers, else str."""
+    if hasattr(x, "tolist"):  # torch.Tensor, np.ndarray, NumPy scalars (whose tolist() is the number)
+        return x.tolist()
+    return str(x)
+
+
+def write_json(path, obj, *, what: str = "output", indent: int | None = 2) -> str:
+    """``write_atomic`` for ``obj`` as JSON (``jsonable`` for tensors, arrays and NumPy numbers)."""
+    return write_text(path, json.dumps(obj, indent=indent, default=jsonable) + "\n", what=what)
 
 
 def write_npy(path, arr, *, what: str = "output") -> str:

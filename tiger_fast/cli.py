@@ -28,7 +28,7 @@ class CliError(Exception):
 
 
 def _print_json(obj) -> None:
-    from .pipeline import jsonable
+    from .atomic import jsonable
 
     print(json.dumps(obj, indent=2, default=jsonable))
 

@@ -182,7 +182,7 @@ def popularity_baseline(dataset, split: str = "test", k: int | None = None) -> t
         np.add.at(counts, np.asarray(s[:e], dtype=np.int64), 1)
     order = np.lexsort((np.arange(n), -counts))  # count desc, index asc
     if k is not None:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+        if not is_int(k) or not 1 <= k <= n:
             raise ValueError(f"k must be an int in [1, {n}], got {k!r}")
         order = order[:k]
     return torch.from_numpy(order.astype(np.int64))
@@ -283,7 +283,7 @@ def evaluate_retriever(model, dataset, id_table, split: str = "test", ks=(5, 10)
     seconds (wall time of decoding) and users_per_second.
     """
     ks = check_ks(ks)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < max(ks):
+    if not is_int(k) or k < max(ks):
         raise ValueError(f"k (items decoded per user) must be an int >= max(ks) = {max(ks)}, got {k!r}")
     batch_size = check_int(batch_size, "batch_size")
     temperature = _per_level_temperature(temperature, id_table.layout.num_levels)

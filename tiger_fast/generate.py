@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .backends import choose_backend, load_extension
-from .checks import check_int
+from .checks import check_int, is_int
 from .cpu_memory import available_memory
 from .decoding import check_model, encoder_batch, make_stepper, model_device
 from .layout import TokenLayout
@@ -256,7 +256,7 @@ def generate(model, histories, id_table, *, user_ids=None, k: int = 10, num_beam
         raise ValueError(f"num_beams ({num_beams}) must be >= k ({k})")
     L = layout.num_levels
     temps = ref.temperatures(temperature, L)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2 ** 64:
+    if not is_int(seed) or not 0 <= int(seed) < 2 ** 64:
         raise ValueError(f"seed must be an int in [0, 2^64), got {seed!r}")
     if not isinstance(eos, bool):
         raise TypeError(f"eos must be a bool, got {type(eos).__name__}")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .layout import TokenLayout
+from .checks import check_int
 
 __all__ = ["assign_collision_tokens", "IdTable", "semantic_id_report", "code_branching", "id_file_schema",
            "IdRowGroupWriter", "ID_ROW_GROUP"]
@@ -99,8 +100,7 @@ def assign_collision_tokens(codes, item_ids, collision_size: int) -> torch.Tenso
     if codes.shape[0] != item_ids.shape[0]:
         raise ValueError(f"codes has {codes.shape[0]} rows but item_ids has {item_ids.shape[0]}; "
                          "they must be aligned (one row per item)")
-    if int(collision_size) < 1:
-        raise ValueError(f"collision_size must be >= 1, got {collision_size}")
+    check_int(collision_size, "collision_size")
     if codes.size and codes.min() < 0:
         raise ValueError("codes must be >= 0 (RQ-VAE codes are codebook indices)")
     _check_unique_ids(item_ids, "item_ids")

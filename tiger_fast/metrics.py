@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from .checks import check_int
+from .checks import check_int, is_int
 
 __all__ = [
     "recall_at_k",
@@ -63,7 +63,7 @@ def as_int_tensor(x, name: str, ndim: int) -> torch.Tensor:
 
 
 def _check_k(k, K: int, name: str = "k") -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+    if not is_int(k):
         raise TypeError(f"{name} must be an int, got {type(k).__name__}")
     k = int(k)
     if not 1 <= k <= K:

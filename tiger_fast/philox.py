@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .checks import is_int
+
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9
@@ -94,7 +96,7 @@ def philox_word0(seed: int, step: int, row_keys: torch.Tensor, num_beams: int, n
     seed: int in [0, 2^64); step: level index (>= 0, < 2^32); row_keys: int64 (R,);
     returns int64 (R, num_beams, num_codes) with values in [0, 2^32): counter
     (b * num_codes + t, step, row_key lo, row_key hi), key (seed lo, seed hi)."""
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < (1 << 64):
+    if not is_int(seed) or not 0 <= seed < (1 << 64):
         raise ValueError(f"seed must be an int in [0, 2^64), got {seed!r}")
     if not 0 <= step <= _MASK32:
         raise ValueError(f"step must be in [0, 2^32), got {step}")

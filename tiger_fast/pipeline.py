@@ -14,9 +14,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
 
-from .atomic import write_text
+from .atomic import jsonable, write_text
 from .layout import TokenLayout
 from .provenance import catalogue_fingerprint, retriever_provenance, rqvae_digest
 
@@ -219,17 +218,6 @@ def save_run(out_dir, *, rqvae=None, id_table=None, model=None, report: dict | N
         save_t5(model, id_table.layout, os.path.join(out_dir, "retriever"))
     if report is not None:
         write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2, default=jsonable))
-
-
-def jsonable(x):
-    """``json.dump(default=...)`` hook: tensors and arrays as lists, NumPy scalars as numbers, else str."""
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, (np.integer, np.floating)):
-        return x.item()
-    return str(x)
 
 
 def demo_config(time_budget_s: float = 100.0) -> PipelineConfig:

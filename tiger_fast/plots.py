@@ -24,6 +24,8 @@ import tempfile
 
 import numpy as np
 
+from .atomic import write_atomic
+
 __all__ = ["DPI", "SIZES", "PLOT_EXTRA_HINT", "require_matplotlib", "check_plot_dir", "id_report_data",
            "plot_id_report", "training_series", "plot_training", "plot_learning_curves", "temperature_points",
            "plot_temperature_tradeoff"]
@@ -80,22 +82,8 @@ def _figure(name: str):
 
 
 def _save(fig, path) -> str:
-    """Write ``fig`` as PNG to ``path`` atomically; returns the path."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", suffix=".png", dir=d)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=DPI)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a picture gets the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``fig`` as PNG to ``path`` all-or-nothing (atomic.write_atomic); returns the path."""
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI), what="picture")
 
 
 def _level_names(num_levels: int) -> list[str]:

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .atomic import check_target, write_atomic
+from .checks import check_int
 
 STALE_AFTER_S = 600.0  # a load that has not staged anything for this long is considered dead
 
@@ -98,10 +99,8 @@ def batch_recall(model, dataset, id_table, path, *, k: int = 10, batch_size: int
 
     from .generate import generate
 
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    k = check_int(k, "k")
+    batch_size = check_int(batch_size, "batch_size")
     path = check_target(os.fspath(path), "path")
     user_ids = np.asarray(dataset.user_ids)
     out_users, item_keys = _export_ids(dataset)

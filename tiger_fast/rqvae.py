@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from .atomic import write_atomic, write_text
+from .checks import check_int
 from .world import World, gather_rows, rank_device
 
 __all__ = ["RQVAEConfig", "RQVAETrainConfig", "RQVAE", "kmeans", "train_rqvae", "save_rqvae",
@@ -62,8 +63,8 @@ class RQVAEConfig:
     def __post_init__(self):
         object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
         object.__setattr__(self, "codebook_sizes", tuple(int(k) for k in self.codebook_sizes))
-        if int(self.input_dim) < 1 or int(self.latent_dim) < 1:
-            raise ValueError(f"input_dim and latent_dim must be >= 1, got {self.input_dim}, {self.latent_dim}")
+        check_int(self.input_dim, "input_dim")
+        check_int(self.latent_dim, "latent_dim")
         if any(h < 1 for h in self.hidden_dims):
             raise ValueError(f"hidden_dims must be positive, got {self.hidden_dims}")
         if not self.codebook_sizes or any(k < 1 for k in self.codebook_sizes):
@@ -117,18 +118,16 @@ class RQVAETrainConfig:
     precision: str = "fp32"
 
     def __post_init__(self):
-        if int(self.epochs) < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        if int(self.batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_int(self.epochs, "epochs", 0)
+        check_int(self.batch_size, "batch_size")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive finite number, got {self.lr}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.optimizer not in ("adagrad", "adam"):
             raise ValueError(f"optimizer must be 'adagrad' or 'adam', got {self.optimizer!r}")
-        if int(self.kmeans_sample) < 1 or int(self.kmeans_iters) < 0:
-            raise ValueError("kmeans_sample must be >= 1 and kmeans_iters >= 0")
+        check_int(self.kmeans_sample, "kmeans_sample")
+        check_int(self.kmeans_iters, "kmeans_iters", 0)
         if not 0.0 <= self.reset_until <= 1.0:
             raise ValueError(f"reset_until must be in [0, 1], got {self.reset_until}")
         if self.optimizer == "adam" and self.lr >= 0.05:

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import write_atomic, write_text
+from .checks import check_int, is_int
 
 __all__ = ["SASRecConfig", "SASRec", "train_sasrec", "evaluate_sasrec", "score_histories", "top_k_items",
            "training_windows", "save_sasrec", "load_sasrec", "item_fingerprint"]
@@ -102,10 +103,7 @@ class SASRecConfig:
             v = getattr(self, name)
             if optional and v is None:
                 return
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"SASRecConfig.{name} must be a positive int{' or None' if optional else ''}, "
-                                 f"got {v!r}")
-            setattr(self, name, int(v))
+            setattr(self, name, check_int(v, f"SASRecConfig.{name}", none_ok=optional))
 
         def pos_float(name, optional=False):
             v = getattr(self, name)
@@ -140,9 +138,7 @@ class SASRecConfig:
                 and self.eval_every_s >= self.time_budget_s):
             raise ValueError(f"SASRecConfig.eval_every_s ({self.eval_every_s}) must be smaller than "
                              f"time_budget_s ({self.time_budget_s}): no validation would finish within the budget")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
-            raise ValueError(f"SASRecConfig.seed must be a non-negative int, got {self.seed!r}")
-        self.seed = int(self.seed)
+        self.seed = check_int(self.seed, "SASRecConfig.seed", 0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -207,8 +203,7 @@ class SASRec(nn.Module):
 
     def __init__(self, num_items: int, config: SASRecConfig):
         super().__init__()
-        if isinstance(num_items, bool) or not isinstance(num_items, (int, np.integer)) or num_items < 1:
-            raise ValueError(f"num_items must be a positive int, got {num_items!r}")
+        check_int(num_items, "num_items")
         if not isinstance(config, SASRecConfig):
             raise TypeError(f"config must be a SASRecConfig, got {type(config).__name__}")
         self.num_items, self.config = int(num_items), config
@@ -288,8 +283,7 @@ def _sample_users(num_users: int, max_users, seed: int):
     """Sorted seeded subset of user indices (the same draw as tiger_fast.evaluate's max_users), or None."""
     if max_users is None:
         return None
-    if isinstance(max_users, bool) or not isinstance(max_users, (int, np.integer)) or max_users < 1:
-        raise ValueError(f"max_users must be a positive int or None, got {max_users!r}")
+    check_int(max_users, "max_users", none_ok=True)
     if max_users >= num_users:
         return None
     rng = np.random.default_rng(seed)
@@ -303,8 +297,7 @@ def top_k_items(scores: torch.Tensor, k: int) -> torch.Tensor:
     raise ValueError."""
     if scores.dim() != 2:
         raise ValueError(f"scores must be 2-D (R, N), got shape {tuple(scores.shape)}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    k = check_int(k, "k")
     R, N = scores.shape
     kk = min(int(k), N)
     if torch.isnan(scores).any():
@@ -372,7 +365,7 @@ def evaluate_sasrec(model: SASRec, dataset, split: str = "test", ks=(5, 10), max
 
     _check_model_dataset(model, dataset)
     ks = tuple(ks) if not isinstance(ks, int) else (ks,)
-    if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
+    if not ks or any(not is_int(k) or k < 1 for k in ks):
         raise ValueError(f"ks must be a non-empty sequence of positive ints, got {ks!r}")
     ex = eval_examples(dataset, split, users=_sample_users(len(dataset.sequences), max_users, seed))
     if len(ex.targets) == 0:

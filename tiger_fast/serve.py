@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from .checks import is_int
 
 __all__ = ["ServeConfig", "RequestError", "IdCodec", "Catalogue", "Recommender", "Batcher", "Metrics",
            "row_key_of", "parse_query", "load_recommender", "create_app", "run_server"]
@@ -99,13 +100,12 @@ class ServeConfig:
         for name in ("max_batch", "max_queue", "max_k", "max_history", "max_history_items", "max_items_per_add",
                      "max_body_bytes"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         if isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float)) \
                 or not 0 <= self.max_wait_ms <= 60_000:
             raise ValueError(f"max_wait_ms must be a number in [0, 60000], got {self.max_wait_ms!r}")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
-                                         or self.threads < 1):
+        if self.threads is not None and (not is_int(self.threads) or self.threads < 1):
             raise ValueError(f"threads must be None or an int >= 1, got {self.threads!r}")
 
 
@@ -266,10 +266,6 @@ class Query:
 _QUERY_FIELDS = ("user_id", "history", "k", "temperature", "seed", "row_key")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -287,7 +283,7 @@ def parse_query(obj, where: str, codec: IdCodec, num_levels: int, cfg: ServeConf
     if "user_id" not in obj or obj["user_id"] is None:
         raise RequestError(422, p + "user_id", "is required (an int or a string)")
     user = obj["user_id"]
-    if _is_int(user):
+    if is_int(user):
         if not INT64_MIN <= user <= INT64_MAX:
             raise RequestError(422, p + "user_id", f"{user} does not fit in int64")
     elif not isinstance(user, str) or not user or len(user) > 1024:
@@ -304,7 +300,7 @@ def parse_query(obj, where: str, codec: IdCodec, num_levels: int, cfg: ServeConf
     for i, e in enumerate(hist):
         codec.check(e, f"{p}history[{i}]")
     k = obj.get("k", 10)
-    if not _is_int(k) or not 1 <= k <= cfg.max_k:
+    if not is_int(k) or not 1 <= k <= cfg.max_k:
         raise RequestError(422, p + "k", f"must be an int in [1, {cfg.max_k}], got {json.dumps(k)[:60]}")
     temp = obj.get("temperature")
     if temp is not None:
@@ -319,12 +315,12 @@ def parse_query(obj, where: str, codec: IdCodec, num_levels: int, cfg: ServeConf
                                                                 f"got {json.dumps(t)[:60]}")
         temp = tuple(float(t) for t in temp)
     seed = obj.get("seed", 0)
-    if not _is_int(seed) or not 0 <= seed < 2 ** 64:
+    if not is_int(seed) or not 0 <= seed < 2 ** 64:
         raise RequestError(422, p + "seed", f"must be an int in [0, 2^64), got {json.dumps(seed)[:60]}")
     rk = obj.get("row_key")
     if rk is None:
         rk = row_key_of(user)
-    elif not _is_int(rk) or not INT64_MIN <= rk <= INT64_MAX:
+    elif not is_int(rk) or not INT64_MIN <= rk <= INT64_MAX:
         raise RequestError(422, p + "row_key", f"must be an int64, got {json.dumps(rk)[:60]}")
     return Query(user_id=user, history=hist, k=int(k), temperature=temp, seed=int(seed), row_key=int(rk))
 

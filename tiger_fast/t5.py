@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import write_atomic
+from .checks import check_int
 from .layout import TokenLayout
 
 __all__ = ["T5Config", "T5", "T5Cache", "relative_position_bucket", "save_t5", "load_t5",
@@ -69,9 +70,7 @@ class T5Config:
         for name in ("vocab_size", "d_model", "num_heads", "d_kv", "d_ff", "num_encoder_layers",
                      "num_decoder_layers", "relative_attention_num_buckets",
                      "relative_attention_max_distance"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"T5Config.{name} must be a positive int, got {v!r}")
+            setattr(self, name, check_int(getattr(self, name), f"T5Config.{name}"))
         if self.relative_attention_num_buckets < 4:
             # bidirectional buckets split in two halves, each with exact and log-spaced parts
             raise ValueError("T5Config.relative_attention_num_buckets must be >= 4, "
@@ -612,8 +611,7 @@ class T5(nn.Module):
         if enc.device != w.device:
             raise ValueError(f"enc is on {enc.device} but the model is on {w.device}")
         mask = self._check_mask(enc_mask, enc[..., 0], "enc_mask")
-        if int(max_length) < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        max_length = check_int(max_length, "max_length")
         enc = enc.to(w.dtype)
         b, s, _ = enc.shape
         c = self.config

@@ -61,6 +61,7 @@ import torch
 from .layout import TokenLayout
 from .sequences import Examples
 from .atomic import write_atomic
+from .checks import check_int
 from .t5 import T5, T5Config, save_t5
 from .world import World, current_world, rank_device
 
@@ -126,16 +127,12 @@ class TrainConfig:
 
     def __post_init__(self):
         def pos_int(name, allow_zero=False):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
-                raise ValueError(f"TrainConfig.{name} must be a {'non-negative' if allow_zero else 'positive'} "
-                                 f"int, got {v!r}")
+            setattr(self, name, check_int(getattr(self, name), f"TrainConfig.{name}", 0 if allow_zero else 1))
         for n in ("batch_size", "max_steps", "eval_every", "checkpoint_every", "log_every", "keep_checkpoints"):
             pos_int(n)
         pos_int("warmup_steps", allow_zero=True)
         pos_int("length_buckets", allow_zero=True)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"TrainConfig.seed must be a non-negative int, got {self.seed!r}")
+        pos_int("seed", allow_zero=True)
         for n in ("lr", "adam_eps"):
             v = getattr(self, n)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:

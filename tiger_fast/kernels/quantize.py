@@ -46,6 +46,8 @@ from typing import Optional
 
 import torch
 
+from ..checks import check_int
+
 __all__ = [
     "PRECISIONS",
     "PreparedCodebooks",
@@ -177,8 +179,7 @@ def screen_coefficients(dim: int, precision: str = "fp32") -> ScreenCoefficients
     a1 = 4 sqrt(D) 2^-126 (2x margin); result flushes/underflows at most 2^-126 per operation
     (D + 2 of them), doubled, plus ||c||^2's: a0 = (4 D + 12) 2^-126.
     """
-    if not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    dim = check_int(dim, "dim")
     if precision not in _PREC_CODE:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     u = _U32

@@ -81,6 +81,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..philox import gumbel_noise
+from ..checks import check_int
 
 _LN2 = math.log(2.0)
 
@@ -128,8 +129,7 @@ def _check_step_inputs(logprobs, beam_scores, beam_nodes, children, num_out):
         raise TypeError(f"beam_nodes must be int64 {(R, B)}, got {beam_nodes.dtype} {tuple(beam_nodes.shape)}")
     if children.dtype != torch.int32 or children.dim() != 2 or children.shape[1] != S:
         raise TypeError(f"children must be int32 (n_nodes, {S}), got {children.dtype} {tuple(children.shape)}")
-    if not isinstance(num_out, int) or num_out < 1:
-        raise ValueError(f"num_out must be a positive int, got {num_out!r}")
+    num_out = check_int(num_out, "num_out")
     if torch.isnan(logprobs).any() or torch.isnan(beam_scores).any():
         raise ValueError("logprobs/beam_scores contain NaN (the model produced NaN/+inf logits)")
 
