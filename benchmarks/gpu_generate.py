@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiger_fast.atomic import write_json  # noqa: E402
+from tiger_fast.generate import selection_out_buffers  # noqa: E402
 
 from bench_generate import make_catalogue  # noqa: E402
 from tiger_fast.precision import int8_unavailable_reason  # noqa: E402
@@ -58,13 +59,7 @@ class CudaSteps:
         self.ws = torch.empty(int(ext.cuda_workspace_bytes(R, B_max, S_max)), dtype=torch.uint8, device=device)
 
     def outs(self, R, B_out, sample=False):
-        d = self.dev
-        o = [torch.empty(R, B_out, dtype=torch.int64, device=d), torch.empty(R, B_out, dtype=torch.int64, device=d),
-             torch.empty(R, B_out, dtype=torch.float32, device=d), torch.empty(R, B_out, dtype=torch.int64, device=d)]
-        if sample:
-            o += [torch.empty(R, B_out, dtype=torch.float64, device=d),
-                  torch.empty(R, B_out, dtype=torch.float64, device=d)]
-        return o
+        return selection_out_buffers(R, B_out, sample, self.dev)
 
     def beam(self, lp, scores, nodes, children, B_out, out=None):
         R, B, S = lp.shape

@@ -199,7 +199,7 @@ def main(argv=None):
             rows = min(chunk, n_total - done)
             x = x0[:rows] if c == 0 else make_chunk(c, rows)
             sync()
-            _, tk = timed(lambda: kq._launch(x, pc, prec))
+            _, tk = timed(lambda: kq.screen_pass(x, pc, prec))
             st = {}
             _, te = timed(lambda: kq.quantize_triton(x, pc, precision=prec, stats=st))
             for key in agg:

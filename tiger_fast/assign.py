@@ -116,26 +116,26 @@ def check_int64_ids(ids: np.ndarray, what: str) -> None:
                          "int64 (map larger ids to a smaller id space first)")
 
 
+def _load_npy(path: str, what: str) -> np.ndarray:
+    """``path`` memory-mapped (no pickle); ValueError naming ``what`` and the file when unreadable."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except EOFError:
+        raise ValueError(f"cannot read {what} {path} as .npy: the file is empty") from None
+    except (ValueError, OSError) as e:
+        raise ValueError(f"cannot read {what} {path} as .npy: {e}") from e
+
+
 class _NpySource(EmbeddingSource):
     def __init__(self, path: str, ids_path: str | None):
-        try:
-            self.x = np.load(path, mmap_mode="r", allow_pickle=False)
-        except EOFError:
-            raise ValueError(f"cannot read embeddings {path} as .npy: the file is empty") from None
-        except (ValueError, OSError) as e:
-            raise ValueError(f"cannot read embeddings {path} as .npy: {e}") from e
+        self.x = _load_npy(path, "embeddings")
         if self.x.ndim != 2 or not np.issubdtype(self.x.dtype, np.floating):
             raise ValueError(f"embeddings {path} must be a 2-D float array (N, D), got {self.x.dtype} {self.x.shape}")
         self.num_rows, self.dim = int(self.x.shape[0]), int(self.x.shape[1])
         self.ids = None
         self.fingerprint = {"kind": "npy", "embeddings": file_fingerprint(path)}
         if ids_path is not None:
-            try:
-                self.ids = np.load(ids_path, mmap_mode="r", allow_pickle=False)
-            except EOFError:
-                raise ValueError(f"cannot read item ids {ids_path} as .npy: the file is empty") from None
-            except (ValueError, OSError) as e:
-                raise ValueError(f"cannot read item ids {ids_path} as .npy: {e}") from e
+            self.ids = _load_npy(ids_path, "item ids")
             if self.ids.shape != (self.num_rows,) or not np.issubdtype(self.ids.dtype, np.integer):
                 raise ValueError(f"item ids {ids_path} must be an integer array ({self.num_rows},), "
                                  f"got {self.ids.dtype} {self.ids.shape}")

@@ -45,6 +45,15 @@ from .trie import Trie
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 
 
+def selection_out_buffers(R: int, num_out: int, sample: bool, device) -> list[torch.Tensor]:
+    """Output buffers of one selection-kernel call (beam or sampling step), each (R, num_out):
+    parent beam int64, token int64, score float32, trie node int64; ``sample`` adds the two float64
+    per-beam values the sampling step carries to the next one (``phi`` and ``keys``, as the kernel's
+    ``beam_phi`` / ``beam_keys`` inputs; docs/contracts.md "Sampling")."""
+    shapes = [torch.int64, torch.int64, torch.float32, torch.int64] + ([torch.float64] * 2 if sample else [])
+    return [torch.empty(R, num_out, dtype=dt, device=device) for dt in shapes]
+
+
 @dataclass
 class GenerateResult:
     """Top-K per request row, best first (sampling: in sample order).
@@ -138,13 +147,7 @@ class _CudaSelect:
         return self._ws.data_ptr()
 
     def _outs(self, R, num_out, sample):
-        d = self.device
-        o = [torch.empty(R, num_out, dtype=torch.int64, device=d), torch.empty(R, num_out, dtype=torch.int64, device=d),
-             torch.empty(R, num_out, dtype=torch.float32, device=d), torch.empty(R, num_out, dtype=torch.int64, device=d)]
-        if sample:
-            o += [torch.empty(R, num_out, dtype=torch.float64, device=d),
-                  torch.empty(R, num_out, dtype=torch.float64, device=d)]
-        return o
+        return selection_out_buffers(R, num_out, sample, self.device)
 
     @staticmethod
     def _check_rc(rc):

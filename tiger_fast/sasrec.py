@@ -44,7 +44,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import write_atomic, write_text
-from .checks import check_int, is_int
+from .checks import check_int, config_from_dict, is_int
 
 __all__ = ["SASRecConfig", "SASRec", "train_sasrec", "evaluate_sasrec", "score_histories", "top_k_items",
            "training_windows", "save_sasrec", "load_sasrec", "item_fingerprint"]
@@ -145,13 +145,7 @@ class SASRecConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SASRecConfig":
-        if not isinstance(d, dict):
-            raise TypeError(f"SASRecConfig.from_dict needs a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"unknown SASRecConfig fields {bad}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
     def eval_interval_s(self) -> float | None:
         """Wall seconds between validations (the default: a tenth of the time budget)."""

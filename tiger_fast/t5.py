@@ -27,14 +27,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .atomic import write_atomic
-from .checks import check_int
+from .checks import check_int, config_from_dict
 from .layout import TokenLayout
 
 __all__ = ["T5Config", "T5", "T5Cache", "relative_position_bucket", "save_t5", "load_t5",
@@ -91,13 +91,7 @@ class T5Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "T5Config":
-        if not isinstance(d, dict):
-            raise TypeError(f"T5Config.from_dict expects a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown T5Config fields {sorted(unknown)}; expected {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 def paper_config(layout: TokenLayout, **overrides) -> T5Config:

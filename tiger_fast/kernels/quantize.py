@@ -56,6 +56,7 @@ __all__ = [
     "prepare_codebooks",
     "quantize_triton",
     "screen_coefficients",
+    "screen_pass",
     "screen_threshold",
     "unavailable_reason",
 ]
@@ -350,9 +351,10 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _launch(x: torch.Tensor, pc: PreparedCodebooks, precision: str, block_m=None, block_k=None,
-            num_warps=None):
-    """One kernel pass over rows of x (float32 (N, D), contiguous) for all levels of pc.
+def screen_pass(x: torch.Tensor, pc: PreparedCodebooks, precision: str, block_m=None, block_k=None,
+                num_warps=None):
+    """One kernel pass over rows of x (float32 (N, D), contiguous) for all levels of pc: the
+    screen alone, without finishing flagged rows (quantize_triton does that; benchmarks time it).
 
     Returns codes int64 (N, L), residual float32 (N, D) (r_L for certified rows, r_f for a row
     flagged at level f), flag int32 (N,).
@@ -496,7 +498,7 @@ def quantize_triton(latents: torch.Tensor, codebooks, *, precision: str = "fp32"
             stats.update(st)
         return torch.zeros((n, nl), dtype=torch.int64, device=x.device), x.clone()
 
-    codes, res, flag = _launch(x, pc, precision, block_m, block_k, num_warps)
+    codes, res, flag = screen_pass(x, pc, precision, block_m, block_k, num_warps)
     flagged = torch.nonzero(flag >= 0, as_tuple=True)[0]
     st["screen_flagged"] = int(flagged.numel())
     if flagged.numel() and precision != "fp32":
@@ -504,7 +506,7 @@ def quantize_triton(latents: torch.Tensor, codebooks, *, precision: str = "fp32"
         fl = flag[flagged]
         for f in torch.unique(fl).tolist():
             rows = flagged[fl == f]
-            c2, r2, g2 = _launch(res[rows].contiguous(), pc.tail(f), "fp32", block_m, block_k, num_warps)
+            c2, r2, g2 = screen_pass(res[rows].contiguous(), pc.tail(f), "fp32", block_m, block_k, num_warps)
             codes[rows, f:] = c2
             res[rows] = r2
             flag[rows] = torch.where(g2 >= 0, g2 + f, torch.full_like(g2, -1))
@@ -527,7 +529,7 @@ def quantize_triton(latents: torch.Tensor, codebooks, *, precision: str = "fp32"
                     "(|r - c| > 3.4e38); rescale the inputs"
                 )
             if f + 1 < nl:
-                c2, r2, g2 = _launch(r.contiguous(), pc.tail(f + 1), "fp32", block_m, block_k, num_warps)
+                c2, r2, g2 = screen_pass(r.contiguous(), pc.tail(f + 1), "fp32", block_m, block_k, num_warps)
                 codes[rows, f + 1:] = c2
                 res[rows] = r2
                 flag[rows] = torch.where(g2 >= 0, g2 + (f + 1), torch.full_like(g2, -1))
