@@ -94,6 +94,8 @@ def main(argv=None):
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/tiger_fast/embeddings"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default=None, help="PNG of the learning curves")
+    p.add_argument("--plot-training", default=None, metavar="PNG",
+                   help="PNG of TIGER's training loss and validation metrics (tiger-fast train --plot's picture)")
     p.add_argument("--per-user", default=None, metavar="NPZ",
                    help="save TIGER's per-user Recall@10 / NDCG@10 (for paired comparisons, benchmarks/ablations.py)")
     p.add_argument("--json", required=True)
@@ -110,6 +112,12 @@ def main(argv=None):
     if a.budget_min * 60 - a.eval_reserve_min * 60 < 120:
         raise SystemExit(f"--budget-min {a.budget_min:g} leaves under 2 minutes after the {a.eval_reserve_min:g} min "
                          "evaluation reserve: too short to build IDs, train and validate once; raise it")
+    if a.plot or a.plot_training:  # refuse now, not after the whole run
+        from tiger_fast.plots import require_matplotlib
+        try:
+            require_matplotlib()
+        except ImportError as e:
+            raise SystemExit(f"--plot: {e}") from None
     overrides = _parse_set(a.set)
     try:
         cfg = recipe(a.preset, seed=a.seed, cache_dir=a.cache_dir, **overrides)
@@ -216,6 +224,11 @@ def main(argv=None):
         from tiger_fast.plots import plot_learning_curves
         plot_learning_curves({name: [(m, r) for m, r, _ in pts] for name, pts in out["curves"].items()}, a.plot)
         say(f"learning curves -> {a.plot}")
+    if a.plot_training:
+        from tiger_fast.plots import plot_training
+        hist_all = {**hist, "final_step": out["tiger_training"]["steps"]}
+        plot_training(hist_all, a.plot_training, title=f"{a.data}, {a.preset} preset (benchmarks/quality.py)")
+        say(f"training curves -> {a.plot_training}")
     say(f"done in {out['wall_s'] / 60:.1f} min; wrote {a.json}")
 
 

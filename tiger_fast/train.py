@@ -406,7 +406,7 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
     written to ``<checkpoint_dir>/best`` and its weights are loaded back into ``model`` at the end.
     With ``config.checkpoint_dir`` set, training resumes from the newest checkpoint there.
 
-    Returns the history dict: ``loss`` [[step, mean loss since last log]], ``lr`` [[step, lr]],
+    Returns the history dict: ``loss`` [[step, mean loss since last log, wall_s]], ``lr`` [[step, lr]],
     ``evals`` [{"step": s, **metrics}], ``best_step``, ``best_value``, ``best_metric``,
     ``stopped`` ("max_steps" | "time_budget" | "early_stopping" | "schedule_end"), ``final_step``,
     ``resumed_from`` (step or None), ``steps_per_s`` (this call), ``planned_steps`` (the cosine
@@ -602,7 +602,7 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
                     if not math.isfinite(mean):
                         raise FloatingPointError(f"training loss became {mean} before step {step}; "
                                                  "lower TrainConfig.lr or enable grad_clip")
-                    history["loss"].append([step, mean])
+                    history["loss"].append([step, mean, wall0 + time.monotonic() - t0])  # [step, loss, wall_s]
                     history["lr"].append([step, lr])
                     run_loss.zero_()
                     run_n = 0
@@ -655,7 +655,7 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
     if run_n:
         if dist is not None:
             dist.all_reduce(run_loss)
-        history["loss"].append([step, float(run_loss) / run_n])
+        history["loss"].append([step, float(run_loss) / run_n, wall0 + time.monotonic() - t0])
         history["lr"].append([step, lr_at(max(step - 1, 0), cfg)])
     if last_eval != step and step > start:
         run_eval(step)  # also at the end of a time budget: the last steps are never thrown away
