@@ -180,6 +180,7 @@ DATA_COMMANDS = {  # every command that takes --data, with the other arguments i
     "evaluate": ["--ids", "ids.parquet", "--model", "ret"],
     "recommend": ["--ids", "ids.parquet", "--model", "ret", "--user", "alice"],
     "batch-recall": ["--ids", "ids.parquet", "--model", "ret", "--out", "recs.parquet"],
+    "serve": ["--ids", "ids.parquet", "--model", "ret", "--port", "0"],  # refused before the port opens
 }
 
 
@@ -432,3 +433,52 @@ def test_top_level_help_keeps_its_layout(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "tables:ITEMS:INTERACTIONS" in out and "COMMAND" in out
+
+
+# ---- train: flags, the final validation, a catalogue too small to validate ---------------------
+def test_train_threads_model_size_and_the_final_validation_also_after_resume(pipeline, monkeypatch):
+    import torch
+
+    d, _ = pipeline
+    monkeypatch.chdir(d)
+    threads = torch.get_num_threads()
+    base = ["train", "--data", SPEC, "--ids", "ids.parquet", "--out", "ret_flags", "--model-size", "small",
+            "--threads", "1", "--batch-size", "8", "--warmup", "1", "--eval-every", "4", "--eval-users", "10"]
+    try:
+        rc, out, err = run(base + ["--steps", "6"])
+        assert rc == 0, err
+        assert torch.get_num_threads() == 1  # --threads reached torch
+    finally:
+        torch.set_num_threads(threads)
+    with open(d / "ret_flags" / "model" / "config.json") as f:
+        cfg = json.load(f)["t5_config"]
+    assert (cfg["d_model"], cfg["num_encoder_layers"], cfg["d_ff"]) == (64, 2, 256)  # the "small" preset
+    first = json.loads(out.splitlines()[0])
+    assert first["final_step"] == 6
+    kept = [ln for ln in out.splitlines() if ln.startswith("kept ")]
+    assert len(kept) == 1  # which checkpoint was kept is always said
+    assert (f"step {first['best_step']} of 6" in kept[0]) == (first["best_step"] != 6)
+    # resumed with a longer run: validated at the end again, so steps 7-9 are never thrown away
+    try:
+        rc, out, err = run(base + ["--steps", "9"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0, err
+    ck = sorted((d / "ret_flags" / "checkpoints").glob("*.json"))
+    with open(ck[-1]) as f:
+        evals = [e["step"] for e in json.load(f)["history"]["evals"]]
+    assert evals[:2] == [4, 6] and evals[-1] == 9
+    assert json.loads(out.splitlines()[0])["final_step"] == 9
+
+
+def test_train_without_a_validation_split_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    blocks = readme_blocks()  # the README's own two-item example tables: no user has 3 interactions
+    (tmp_path / "items.jsonl").write_text(next(body for lang, body in blocks if lang == "json"))
+    (tmp_path / "interactions.csv").write_text(next(body for lang, body in blocks if body.startswith("user_id,")))
+    write_ids("ids.parquet", 2)
+    spec = "tables:items.jsonl:interactions.csv"
+    rc, _, err = run(["train", "--data", spec, "--ids", "ids.parquet", "--out", "ret", "--time-budget", "1200"])
+    assert rc == 2
+    assert f"--data {spec}" in err and "--eval-users 0" in err and "split=" not in err
+    assert not (tmp_path / "ret").exists()  # refused before any training

@@ -500,6 +500,13 @@ def cmd_train(a):
         raise CliError(f"--time-budget {cfg.time_budget_s:g} s is too short to train and run one validation; "
                        "give at least 30 s (or --eval-users 0 to train without validation)")
     ds, table = _load_data_and_ids(a)
+    if cfg.eval_users:  # refuse now rather than after the whole budget, when the first validation runs
+        from .sequences import leave_one_out
+
+        if len(leave_one_out(ds).valid) == 0:
+            raise CliError(f"--data {a.data}: no user has the 3 or more interactions a validation example needs "
+                           "(leave-one-out: the last item is test, the one before it validation), so nothing "
+                           "can be validated; add interactions or pass --eval-users 0 to train without validation")
     model, hist = train_tiger(ds, table, cfg, checkpoint_dir=os.path.join(a.out, "checkpoints"),
                               progress=not a.quiet and rank == 0)
     if rank != 0:
@@ -509,6 +516,8 @@ def cmd_train(a):
     print(json.dumps({k: hist.get(k) for k in keep}))
     if hist.get("best_step") is not None and hist.get("best_step") != hist.get("final_step"):
         print(f"kept the best validation checkpoint (step {hist['best_step']} of {hist['final_step']})")
+    elif hist.get("best_step") is not None:
+        print(f"kept the final weights (step {hist['final_step']}): its validation at the end was the best")
     for w in hist.get("warnings", []):
         print(f"warning: {w}", file=sys.stderr)
     print(f"wrote {os.path.join(a.out, 'model')}")
@@ -643,6 +652,9 @@ def cmd_serve(a):
     """HTTP service (tiger_fast/serve.py): loads in the background, /health says when it is ready."""
     from .serve import ServeConfig, load_recommender, run_server
 
+    # --data is read before the port opens: a bad spec or table is one CLI error at once, not a
+    # failed background load (the model and ID table still load behind /health)
+    ds = _load_data(a) if a.data else None
     paths = [("--ids", a.ids), ("--model", a.model)] + ([("--rqvae", a.rqvae)] if a.rqvae else [])
     for flag, path in paths:
         if not os.path.exists(path):
@@ -657,12 +669,6 @@ def cmd_serve(a):
     model_dir = _resolve_model_dir(a.model)
 
     def loader():
-        ds = None
-        if a.data:
-            try:
-                ds = load_dataset_spec(a.data)
-            except (ValueError, TypeError, OSError) as e:
-                raise ValueError(f"--data {a.data}: {e}") from e
         return load_recommender(model_dir, a.ids, rqvae_dir=a.rqvae, dataset=ds, cfg=cfg,
                                 allow_other_catalogue=a.allow_other_catalogue)
 
@@ -884,6 +890,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", required=True, help="retriever directory from `tiger-fast train`")
     sp.add_argument("--data", default=None, help="dataset SPEC: string item/user ids come from it (None: the "
                                                  "ID table's int ids)")
+    ignore_unknown(sp)
     sp.add_argument("--rqvae", default=None, help="RQ-VAE directory; needed for POST /items (new items)")
     sp.add_argument("--embed-model", default=None, help="sentence-transformers model for items sent as text "
                                                         "(None: the packaged all-MiniLM-L6-v2)")

@@ -536,10 +536,20 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
     # the cosine schedule's length: fixed, or planned from the step rate under a time budget
     plan_needed = (cfg.schedule == "cosine" and cfg.total_steps is None and cfg.time_budget_s is not None
                    and history.get("planned_steps") is None)
-    if cfg.schedule == "cosine" and not plan_needed and history.get("planned_steps") is None:
-        history["planned_steps"] = cfg.total_steps or cfg.max_steps
+    if cfg.schedule == "cosine" and not plan_needed:
+        fixed = cfg.total_steps or cfg.max_steps
+        if history.get("planned_steps") is None:
+            history["planned_steps"] = fixed
+        elif cfg.time_budget_s is None and history["planned_steps"] != fixed:
+            # resumed with another step count: the cosine follows the new length from here on
+            # (else a longer run would stop where the old schedule ended)
+            history.setdefault("plans", []).append([start, fixed])
+            history["planned_steps"] = fixed
     plan_t0 = [None]
-    replan = plan_needed
+    # a budget-sized plan may grow when it runs out early; also in a resumed run, whose plan (from
+    # the checkpoint) may have been capped by a smaller max_steps than this call's
+    replan = plan_needed or (cfg.schedule == "cosine" and cfg.total_steps is None and cfg.time_budget_s is not None
+                             and start > 0)
     bar = None
     bar_clock = [0.0]
     if progress and rank == 0:
