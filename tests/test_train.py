@@ -312,3 +312,4 @@ def test_progress_bar_counts_the_budget_not_the_step_cap(capsys):
     train_retriever(_model(), ex, config=_cfg(max_steps=200_000, time_budget_s=1.0, log_every=5), progress=True)
     err = capsys.readouterr().err
     assert "s of budget" in err and "/200000" not in err
+    assert "s of budget, step " in err and "[," not in err  # "…/1 s of budget, step 37/120"

@@ -845,7 +845,9 @@ def build_parser() -> argparse.ArgumentParser:
     precision_flag(sp)
     sp.add_argument("--split", default="test", choices=["test", "valid"])
     sp.add_argument("--k", type=int, default=10)
-    sp.add_argument("--temperature", type=_temperature, default=None, help="none | T | T0,T1,T2,T3")
+    sp.add_argument("--temperature", type=_temperature, default=None,
+                    help="none = beam search; T > 0 (all levels) or T0,T1,T2,T3 (one per ID level) = evaluate the "
+                         "K items drawn by stochastic beam search at that temperature")
     sp.add_argument("--max-users", type=int, default=None)
     sp.add_argument("--popularity", action="store_true", help="also evaluate the popularity baseline "
                     "(= --baselines popularity)")
@@ -860,7 +862,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also Recall/Entropy@K per decoding setting, ';'-separated: beam | T | T0,T1,T2,T3 "
                          "(e.g. 'beam;1;2;2,2,0.5,0.5')")
     sp.add_argument("--sample-seeds", type=int, nargs="+", default=None,
-                    help="sampling seeds for --temperatures (mean and spread over them; default: --seed)")
+                    help="sampling seeds for --temperatures (mean and spread over them; None: --seed alone)")
     sp.add_argument("--plot", type=_plot_dir, default=None, metavar="DIR",
                     help="write DIR/temperature_tradeoff.png from --temperatures; needs tiger_fast[plot]")
 

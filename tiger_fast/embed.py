@@ -191,15 +191,27 @@ def _resolve_model(model) -> tuple[str, str | None]:
                     f".encode, got {type(model).__name__}")
 
 
-def _get_model(model, device: str):
-    """(model object, its cache identity) for the ``model`` argument; loads at most once per process."""
+def _get_model(model, device: str, progress: bool = True):
+    """(model object, its cache identity) for the ``model`` argument; loads at most once per process.
+    ``progress=False`` also hides the weight-loading bar transformers draws."""
     mid, target = _resolve_model(model)
     if target is None:
         return model, mid
     key = (mid, device)
     if key not in _MODELS:
         try:
-            _MODELS[key] = _load_sentence_transformer(target, device)
+            if progress:
+                _MODELS[key] = _load_sentence_transformer(target, device)
+            else:
+                from transformers.utils import logging as hf_logging
+
+                shown = hf_logging.is_progress_bar_enabled()
+                hf_logging.disable_progress_bar()
+                try:
+                    _MODELS[key] = _load_sentence_transformer(target, device)
+                finally:
+                    if shown:
+                        hf_logging.enable_progress_bar()
         except Exception as e:  # OSError / HF errors: one clear message with the fix
             raise ValueError(f"model: cannot load sentence-transformers model {target!r} on {device} ({type(e).__name__}: "
                              f"{e}). Offline (HF_HUB_OFFLINE=1) only local paths and already-cached names work; "
@@ -308,7 +320,7 @@ def embed_texts(texts: Sequence[str], model=None, batch_size: int = 128, cache_d
         hit = _load_cached(path, len(texts))
         if hit is not None:
             return hit
-    enc, _ = _get_model(model, device)
+    enc, _ = _get_model(model, device, progress)
     from tqdm.auto import tqdm
 
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))

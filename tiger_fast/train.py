@@ -556,7 +556,7 @@ def train_retriever(model: T5, train_examples: Examples, *, config: TrainConfig,
         from tqdm.auto import tqdm
         if cfg.time_budget_s is not None:  # progress against the budget, not a step count it never reaches
             bar = tqdm(total=round(cfg.time_budget_s), desc="train", unit="s", dynamic_ncols=True,
-                       bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of budget [{postfix}]")
+                       bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s of budget{postfix}")  # tqdm puts ", " before it
         else:
             bar = tqdm(total=cfg.max_steps, initial=start, desc="train", dynamic_ncols=True)
     run_loss = torch.zeros((), device=device)
