@@ -38,6 +38,7 @@ from .reference.generate import eos_rerank, temperatures, top_by_key
 __all__ = [
     "EvalExamples",
     "eval_examples",
+    "sample_users",
     "resolve_id_space",
     "popularity_baseline",
     "evaluate_popularity",
@@ -93,8 +94,9 @@ def eval_examples(dataset, split: str = "test", *, users=None) -> EvalExamples:
     return EvalExamples(uidx, hs, ts, skipped)
 
 
-def _sample_users(num_users: int, max_users, seed: int) -> np.ndarray | None:
-    """Indices of a seeded random subset of users (sorted), or None for all."""
+def sample_users(num_users: int, max_users, seed: int) -> np.ndarray | None:
+    """int64 (max_users,) sorted indices of a seeded random subset of users, or None for all (also
+    when max_users >= num_users): the one draw behind every ``max_users`` (TIGER, SASRec, popularity)."""
     if max_users is None:
         return None
     check_int(max_users, "max_users", none_ok=True)
@@ -220,7 +222,7 @@ def check_ks(ks) -> tuple[int, ...]:
 def evaluate_popularity(dataset, split: str = "test", ks=(5, 10), *, max_users=None, seed: int = 0) -> dict:
     """Metrics of :func:`popularity_baseline` (the same list for every user) on ``split``."""
     ks = check_ks(ks)
-    ex = eval_examples(dataset, split, users=_sample_users(len(dataset.sequences), max_users, seed))
+    ex = eval_examples(dataset, split, users=sample_users(len(dataset.sequences), max_users, seed))
     top = popularity_baseline(dataset, split, k=min(max(ks), len(dataset.item_ids)))
     if top.shape[0] < max(ks):
         top = torch.cat([top, torch.full((max(ks) - top.shape[0],), -1, dtype=torch.long)])
@@ -288,7 +290,7 @@ def evaluate_retriever(model, dataset, id_table, split: str = "test", ks=(5, 10)
     batch_size = check_int(batch_size, "batch_size")
     temperature = _per_level_temperature(temperature, id_table.layout.num_levels)
     idmap = IdMap(dataset, resolve_id_space(dataset, id_table, id_space))
-    ex = eval_examples(dataset, split, users=_sample_users(len(dataset.sequences), max_users, seed))
+    ex = eval_examples(dataset, split, users=sample_users(len(dataset.sequences), max_users, seed))
     if len(ex.targets) == 0:
         raise ValueError(f"no user has a non-empty history for split={split!r}; nothing to evaluate")
     t0 = time.perf_counter()
@@ -453,7 +455,7 @@ def invalid_rate_unconstrained(model, dataset, id_table, split: str = "test", k:
     batch_size = check_int(batch_size, "batch_size")
     layout = id_table.layout
     idmap = IdMap(dataset, resolve_id_space(dataset, id_table, id_space))
-    ex = eval_examples(dataset, split, users=_sample_users(len(dataset.sequences), max_users, seed))
+    ex = eval_examples(dataset, split, users=sample_users(len(dataset.sequences), max_users, seed))
     if len(ex.targets) == 0:
         raise ValueError(f"no user has a non-empty history for split={split!r}; nothing to evaluate")
     was_training = getattr(model, "training", False)

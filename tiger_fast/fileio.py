@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 __all__ = ["EMBED_COLUMNS", "check_file", "find_file", "open_text", "read_lines", "read_json", "read_table",
-           "id_column", "embedding_column", "load_embeddings"]
+           "id_column", "embedding_column", "load_embeddings", "read_checkpoint_meta"]
 
 #: Column names an embedding column may have, in a items table or an embeddings table.
 EMBED_COLUMNS = ("embedding", "embeddings", "vector")
@@ -77,6 +77,20 @@ def read_json(path: Path, what: str):
         raise ValueError(f"{what}: cannot read {path}: {e}") from e
     except json.JSONDecodeError as e:
         raise ValueError(f"{what}: {path} is not valid JSON: {e}") from e
+
+
+def read_checkpoint_meta(path, config_name: str, weights_name: str, what: str) -> tuple[dict, str, str]:
+    """(parsed JSON of ``path/config_name``, its path, the path of ``path/weights_name``) of a model
+    directory.  FileNotFoundError naming ``what`` (e.g. "a save_t5 checkpoint") when either file is
+    missing; ValueError when the JSON cannot be read (absurdly deep nesting included)."""
+    cfg_path, w_path = os.path.join(path, config_name), os.path.join(path, weights_name)
+    if not os.path.isfile(cfg_path) or not os.path.isfile(w_path):
+        raise FileNotFoundError(f"{path!r} is not {what} (needs {config_name} and {weights_name})")
+    try:
+        with open(cfg_path) as f:
+            return json.load(f), cfg_path, w_path
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
+        raise ValueError(f"cannot read {cfg_path!r}: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def read_table(path, what: str):

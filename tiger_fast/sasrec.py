@@ -53,6 +53,7 @@ from torch import nn
 
 from .atomic import write_atomic, write_text
 from .checks import check_int, config_from_dict, is_int
+from .fileio import read_checkpoint_meta
 
 __all__ = ["SASRecConfig", "SASRec", "train_sasrec", "evaluate_sasrec", "score_histories", "top_k_items",
            "training_windows", "save_sasrec", "load_sasrec", "item_fingerprint"]
@@ -273,17 +274,6 @@ def _history_batch(histories, max_len: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def _sample_users(num_users: int, max_users, seed: int):
-    """Sorted seeded subset of user indices (the same draw as tiger_fast.evaluate's max_users), or None."""
-    if max_users is None:
-        return None
-    check_int(max_users, "max_users", none_ok=True)
-    if max_users >= num_users:
-        return None
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(num_users, size=int(max_users), replace=False)).astype(np.int64)
-
-
 # ---- ranking ------------------------------------------------------------------------------------
 def top_k_items(scores: torch.Tensor, k: int) -> torch.Tensor:
     """float (R, N) scores -> int64 (R, k) item indices, best first; equal scores rank by smaller
@@ -355,13 +345,13 @@ def evaluate_sasrec(model: SASRec, dataset, split: str = "test", ks=(5, 10), max
     "valid"), full-catalogue ranking, nothing excluded - the dict of
     ``tiger_fast.evaluate.evaluate_rankings`` plus split, num_users_skipped, method, seconds,
     users_per_second.  max_users/seed: a seeded sample of users, the same as evaluate_popularity's."""
-    from .evaluate import eval_examples, evaluate_rankings
+    from .evaluate import eval_examples, evaluate_rankings, sample_users
 
     _check_model_dataset(model, dataset)
     ks = tuple(ks) if not isinstance(ks, int) else (ks,)
     if not ks or any(not is_int(k) or k < 1 for k in ks):
         raise ValueError(f"ks must be a non-empty sequence of positive ints, got {ks!r}")
-    ex = eval_examples(dataset, split, users=_sample_users(len(dataset.sequences), max_users, seed))
+    ex = eval_examples(dataset, split, users=sample_users(len(dataset.sequences), max_users, seed))
     if len(ex.targets) == 0:
         raise ValueError(f"split {split!r} of dataset {getattr(dataset, 'name', '?')!r} has no examples "
                          "(no user has >= 3 items); nothing to evaluate")
@@ -419,14 +409,14 @@ def train_sasrec(dataset, config: SASRecConfig | None = None, *, progress: bool 
 
     Errors: empty training or validation split -> ValueError; a time budget that runs out before
     the first validation has finished -> RuntimeError naming time_budget_s."""
-    from .evaluate import eval_examples, evaluate_rankings
+    from .evaluate import eval_examples, evaluate_rankings, sample_users
 
     cfg = SASRecConfig() if config is None else config
     if not isinstance(cfg, SASRecConfig):
         raise TypeError(f"config must be a SASRecConfig, got {type(cfg).__name__}")
     t0 = time.monotonic()
     X, Y = training_windows(dataset, cfg.max_len)
-    vex = eval_examples(dataset, "valid", users=_sample_users(len(dataset.sequences), cfg.eval_users, cfg.seed))
+    vex = eval_examples(dataset, "valid", users=sample_users(len(dataset.sequences), cfg.eval_users, cfg.seed))
     if len(vex.targets) == 0:
         raise ValueError(f"dataset {getattr(dataset, 'name', '?')!r} has an empty validation split "
                          "(no user has >= 3 items); SASRec needs validation for model selection")
@@ -549,14 +539,7 @@ def load_sasrec(path: str) -> SASRec:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    cfg_path, w_path = os.path.join(path, "sasrec.json"), os.path.join(path, "model.safetensors")
-    if not os.path.isfile(cfg_path) or not os.path.isfile(w_path):
-        raise FileNotFoundError(f"{path!r} is not a SASRec directory (needs sasrec.json and model.safetensors)")
-    try:
-        with open(cfg_path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {cfg_path!r}: {e}") from e
+    meta, cfg_path, w_path = read_checkpoint_meta(path, "sasrec.json", "model.safetensors", "a SASRec directory")
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         raise ValueError(f"{cfg_path!r} is not a {_FORMAT} file")
     cfg = SASRecConfig.from_dict(meta.get("config"))

@@ -35,6 +35,7 @@ from torch import nn
 
 from .atomic import write_atomic
 from .checks import check_int, config_from_dict
+from .fileio import read_checkpoint_meta
 from .layout import TokenLayout
 
 __all__ = ["T5Config", "T5", "T5Cache", "relative_position_bucket", "save_t5", "load_t5",
@@ -889,14 +890,7 @@ def load_t5(path: str, *, device: str | torch.device = "cpu") -> tuple[T5, Token
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    cfg_path, w_path = os.path.join(path, "config.json"), os.path.join(path, "model.safetensors")
-    if not os.path.isfile(cfg_path) or not os.path.isfile(w_path):
-        raise FileNotFoundError(f"{path!r} is not a save_t5 checkpoint (needs config.json and model.safetensors)")
-    try:
-        with open(cfg_path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
-        raise ValueError(f"cannot read {cfg_path!r}: {type(e).__name__}: {str(e)[:200]}") from None
+    meta, cfg_path, w_path = read_checkpoint_meta(path, "config.json", "model.safetensors", "a save_t5 checkpoint")
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         raise ValueError(f"{cfg_path!r} is not a {_FORMAT} config (format={meta.get('format') if isinstance(meta, dict) else None!r})")
     missing = [k for k in ("t5_config", "layout") if not isinstance(meta.get(k), dict)]
