@@ -267,3 +267,13 @@ def test_evaluate_flag_combinations(run, tmp_path, capsys):
     assert "--sample-seeds" in capsys.readouterr().err
     assert main(base + ["--temperatures", "beam;1,2"]) == 2  # 2 values for a 4-level layout
     assert "--temperatures: setting (1.0, 2.0) has 2 values" in capsys.readouterr().err
+
+
+def test_a_refused_command_leaves_no_empty_picture_directory(tmp_path, capsys):
+    """--plot DIR is checked while the arguments are parsed; DIR (and its missing parents) only
+    appear when a picture is written."""
+    pics = tmp_path / "new" / "pics"
+    assert main(["evaluate", "--data", DATA, "--ids", "x", "--model", "y", "--plot", str(pics)]) == 2  # no --temperatures
+    assert "--temperatures" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert plots.check_plot_dir(pics) == str(pics) and not (tmp_path / "new").exists()

@@ -59,13 +59,18 @@ def require_matplotlib():
 
 
 def check_plot_dir(path) -> str:
-    """Create ``path`` if needed and check a file can be written in it; returns the path.
+    """Check a file can be written in directory ``path`` (made for the check and removed again when
+    it did not exist; the picture's save creates it); returns the path.
     Raises ValueError with the reason (not a directory, permission, read-only filesystem)."""
     path = os.fspath(path)
     if not path:
         raise ValueError("the picture directory is empty")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{path!r} exists and is not a directory")
+    created, d = [], os.path.abspath(path)  # the directories this check makes, deepest first
+    while not os.path.exists(d):
+        created.append(d)
+        d = os.path.dirname(d)
     try:
         os.makedirs(path, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".tmp-plot-probe-", dir=path)
@@ -73,6 +78,8 @@ def check_plot_dir(path) -> str:
         os.unlink(probe)
     except OSError as e:
         raise ValueError(f"cannot write pictures to {path!r}: {e.strerror or e}") from None
+    for d in created:  # checked, not kept: a command refused later leaves no empty directory (saving makes it)
+        os.rmdir(d)
     return path
 
 
