@@ -440,12 +440,18 @@ def plot_temperature_tradeoff(points: list[dict], path, *, k: int = 10, title: s
     ax = fig.subplots()
     colors = {"beam": "black", "uniform": "tab:blue", "per-level": "tab:red"}
     seen = set()
+    xs, ys = [p[ek] for p in points], [p[rk] for p in points]
+    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    placed = []  # (x, y) of labelled points: a label next to a nearby one goes left of its point
     for p in points:
         kind = p.get("kind") or _setting(p.get("temperature") and tuple(p["temperature"]))[0]
         ax.errorbar(p[ek], p[rk], xerr=p.get(ek + "_sd", 0.0), yerr=p.get(rk + "_sd", 0.0), fmt="o", ms=5,
                     capsize=3, color=colors.get(kind, "tab:gray"), label=None if kind in seen else kind)
         seen.add(kind)
-        ax.annotate(p.get("label", ""), (p[ek], p[rk]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        near = sum(abs(p[ek] - x) < 0.05 * span_x and abs(p[rk] - y) < 0.05 * span_y for x, y in placed)
+        placed.append((p[ek], p[rk]))
+        ax.annotate(p.get("label", ""), (p[ek], p[rk]), textcoords="offset points", fontsize=8,
+                    xytext=(-5, 4 + 10 * (near - 1)) if near else (5, 4), ha="right" if near else "left")
     seeds = max(int(p.get("seeds", 1)) for p in points)
     ax.set_xlabel(f"Entropy@{k} (bits of leaf categories in the top {k})")
     ax.set_ylabel(f"Recall@{k}")
